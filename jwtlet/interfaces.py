@@ -1,0 +1,253 @@
+"""
+The three interfaces through which the core talks to validation, storage and
+signing, their factory interfaces, the optional interfaces a provider may
+also provide, and the error types every provider raises.
+
+Methods that may wait return a ``Deferred`` or are ``async def``; the core
+accepts either (see :func:`jwtlet._async.as_deferred`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import attrs
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from jwtlet.config import Config
+
+
+# -- errors -----------------------------------------------------------------
+
+
+class TokenRejected(Exception):
+    """
+    The presented credential is not acceptable.  The message is for the log
+    only; clients are told nothing more than that the token was rejected.
+    """
+
+
+class DependencyUnavailable(Exception):
+    """
+    A dependency (Kubernetes API, JWKS endpoint, Vault, the database) is down
+    or too slow to decide now.  Surfaces as 503 with ``Retry-After``.
+    """
+
+    def __init__(self, reason: str = "dependency unavailable", retry_after: int = 5):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class Conflict(Exception):
+    """A create named an object that already exists."""
+
+
+class NotFound(Exception):
+    """The named object does not exist."""
+
+
+class PluginConfigError(Exception):
+    """
+    A plugin's options are wrong.  ``messages`` holds one line per problem,
+    each reported with the other configuration errors.
+    """
+
+    def __init__(self, *messages: str):
+        super().__init__("; ".join(messages))
+        self.messages: tuple[str, ...] = messages
+
+
+# -- the context every factory receives -------------------------------------
+
+
+@attrs.frozen
+class PluginContext:
+    """
+    Everything a plugin may need when it is built; nothing else is reached for
+    through globals.
+
+    :ivar reactor: the reactor the daemon runs on.
+    :ivar clock: an ``IReactorTime``: use it for every expiry and timeout.
+    :ivar http_client: a ``treq.client.HTTPClient`` with a persistent pool.
+    :ivar config: the whole parsed :class:`jwtlet.config.Config`.
+    :ivar data_dir: where the daemon keeps its files.
+    :ivar store: the configured mapping store, for providers that need one
+        (the ``api-key`` validator); ``None`` while stores are being built.
+    :ivar random_bytes: source of randomness, ``os.urandom`` by default.
+    """
+
+    reactor: Any
+    clock: Any
+    http_client: Any
+    config: "Config"
+    data_dir: Path
+    store: Optional[Any] = None
+    random_bytes: Any = None
+
+
+# -- providers --------------------------------------------------------------
+
+
+class IValidator(Interface):
+    """Checks a presented credential and says whose it is."""
+
+    def validate(token: str, audience: Optional[str]) -> Any:
+        """
+        Validate ``token``; when ``audience`` is not ``None`` the credential
+        must have been issued for it.
+
+        :return: a ``Deferred`` (or coroutine) firing with a
+            :class:`jwtlet.model.Identity`; fails with :class:`TokenRejected`
+            or :class:`DependencyUnavailable`.
+        """
+
+
+class IMappingStore(Interface):
+    """
+    Resource mappings, scope mappings, integrations and API keys.
+
+    Every method returns a ``Deferred`` or is ``async def``; none blocks the
+    reactor.  A store that cannot reach its backing service fails with
+    :class:`DependencyUnavailable`.
+    """
+
+    def add_mapping(mapping: Any) -> Any:
+        """Store a new ResourceMapping; :class:`Conflict` if its pair exists."""
+
+    def get_mapping(client_identifier: str, participant_context: str) -> Any:
+        """The ResourceMapping of that pair, or :class:`NotFound`."""
+
+    def list_mappings(client_identifier: Optional[str] = None) -> Any:
+        """Every ResourceMapping (of one client, if given), sorted by key."""
+
+    def update_mapping(mapping: Any) -> Any:
+        """Replace an existing ResourceMapping; :class:`NotFound` if missing."""
+
+    def delete_mapping(client_identifier: str, participant_context: str) -> Any:
+        """Delete one mapping; fires with ``True`` if it existed."""
+
+    def delete_client_mappings(client_identifier: str) -> Any:
+        """Delete all mappings of one client; fires with how many went."""
+
+    def add_scope(scope: Any) -> Any:
+        """Store a new ScopeMapping; :class:`Conflict` if it exists."""
+
+    def get_scope(scope: str) -> Any:
+        """The ScopeMapping, or :class:`NotFound`."""
+
+    def list_scopes() -> Any:
+        """Every ScopeMapping, sorted by name."""
+
+    def update_scope(scope: Any) -> Any:
+        """Replace an existing ScopeMapping; :class:`NotFound` if missing."""
+
+    def delete_scope(scope: str) -> Any:
+        """Delete a scope mapping; fires with ``True`` if it existed."""
+
+    def resolve(client_identifier: str, participant_context: str, scopes: Any) -> Any:
+        """
+        In one round trip: the mapping of the pair and the ScopeMappings of
+        those of ``scopes`` that exist, as a :class:`jwtlet.model.Resolution`;
+        :class:`NotFound` when there is no mapping.
+        """
+
+    def add_integration(integration: Any) -> Any:
+        """Store a new Integration; :class:`Conflict` if it exists."""
+
+    def list_integrations() -> Any:
+        """Every Integration with its keys (digests only), sorted by id."""
+
+    def add_api_key(record: Any) -> Any:
+        """
+        Store an ApiKeyRecord; :class:`NotFound` if its integration is
+        missing, :class:`Conflict` if the key id is taken.
+        """
+
+    def get_api_key(integration_id: str, key_id: str) -> Any:
+        """The ApiKeyRecord, or :class:`NotFound`."""
+
+    def revoke_api_key(integration_id: str, key_id: str) -> Any:
+        """Mark a key revoked; fires with ``True`` if it existed."""
+
+
+class ISigner(Interface):
+    """Signs JWTs and publishes the keys that verify them."""
+
+    algorithm = Attribute("The JWS ``alg`` this signer produces, e.g. ``EdDSA``.")
+
+    def sign(header: dict[str, Any], claims: dict[str, Any]) -> Any:
+        """
+        Sign ``claims`` as a compact JWS.  The signer sets ``alg`` and ``kid``
+        in ``header`` (``kid`` names the key version that really signs).
+
+        :return: a ``Deferred`` (or coroutine) firing with ``str``.
+        """
+
+    def public_jwks() -> Any:
+        """A ``Deferred`` (or coroutine) firing with the JWKS ``dict``."""
+
+
+# -- optional interfaces ----------------------------------------------------
+
+
+class IReadiness(Interface):
+    """
+    Optional: a provider that can tell whether it is able to serve now.
+    ``/ready`` asks every provider that provides this.
+    """
+
+    def check_ready() -> Any:
+        """
+        A ``Deferred`` (or coroutine) firing with ``None`` when ready, failing
+        with :class:`DependencyUnavailable` when not.
+        """
+
+
+class IReplayRecord(Interface):
+    """
+    Optional, for stores: remembers subject-token ``jti`` values until the
+    token expires, so replicas sharing a store refuse a replayed token.
+    """
+
+    def record_token_id(issuer: str, token_id: str, expires_at: float) -> Any:
+        """Fires with ``True`` when first seen, ``False`` for a replay."""
+
+
+class IChangeNotifier(Interface):
+    """
+    Optional, for stores shared by several replicas: lets the core drop what it
+    cached when another replica changes something.
+    """
+
+    def subscribe(callback: Any) -> Any:
+        """Call ``callback()`` (no arguments) after any change anywhere."""
+
+
+# -- factories --------------------------------------------------------------
+
+
+class _IFactory(Interface):
+    name = Attribute("The string used as ``type`` in config.")
+    description = Attribute("One line saying what the plugin does.")
+
+    def build(options: Any, context: PluginContext) -> Any:
+        """
+        Build a configured provider from ``options`` (the config section minus
+        ``type``).  Raise :class:`PluginConfigError` with one message per
+        problem.  A provider that also provides ``IService`` is started and
+        stopped with the daemon.
+        """
+
+
+class IValidatorFactory(_IFactory):
+    """Builds an :class:`IValidator`."""
+
+
+class IMappingStoreFactory(_IFactory):
+    """Builds an :class:`IMappingStore`."""
+
+
+class ISignerFactory(_IFactory):
+    """Builds an :class:`ISigner`."""

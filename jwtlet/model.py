@@ -1,0 +1,102 @@
+"""
+Data that crosses the plugin boundary: identities, mappings, API-key records.
+
+Every class is a frozen attrs class so that a provider can hand the same
+object to several callers (and caches) without anyone mutating it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import attrs
+
+
+def _sorted_tuple(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted(set(values)))
+
+
+@attrs.frozen
+class Identity:
+    """
+    Who presented a credential, as a validator established it.
+
+    ``username`` is the full Kubernetes username
+    (``system:serviceaccount:<namespace>:<name>``) or, for API keys,
+    ``apikey:<integration>:<key_id>``.
+    """
+
+    username: str
+    issuer: str
+    uid: Optional[str] = None
+    namespace: Optional[str] = None
+    name: Optional[str] = None
+    groups: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+    expires_at: Optional[float] = None
+    token_id: Optional[str] = None
+
+
+@attrs.frozen
+class ResourceMapping:
+    """
+    A client identity may ask for tokens naming one participant context,
+    with at most these scopes and audiences.
+    """
+
+    client_identifier: str
+    participant_context: str
+    scopes: tuple[str, ...] = attrs.field(default=(), converter=_sorted_tuple)
+    audiences: tuple[str, ...] = attrs.field(default=(), converter=_sorted_tuple)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.client_identifier, self.participant_context)
+
+
+@attrs.frozen
+class ScopeMapping:
+    """A scope and the claims it adds to an issued token."""
+
+    scope: str
+    claims: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Resolution:
+    """
+    What one exchange needs from the store, fetched in one round trip: the
+    mapping and the scope mappings of the requested scopes that exist.
+    """
+
+    mapping: ResourceMapping
+    scopes: Mapping[str, ScopeMapping] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ApiKeyRecord:
+    """
+    One API key as stored: never the secret, only its SHA-256 digest.
+    """
+
+    integration_id: str
+    key_id: str
+    secret_sha256: bytes = attrs.field(repr=False)
+    tier: int = 0
+    description: str = ""
+    status: str = "active"
+    created_at: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+@attrs.frozen
+class Integration:
+    """An integration (a customer or service) that owns API keys."""
+
+    integration_id: str
+    description: str = ""
+    created_at: float = 0.0
+    keys: tuple[ApiKeyRecord, ...] = ()
