@@ -1,0 +1,157 @@
+"""
+The ``jwtlet`` command: ``run``, ``dev``, ``check-config``, ``plugins``,
+``dev-token``, ``keygen`` (and, from their own modules, ``apikey`` and
+``mint``).  Each subcommand returns an exit status; nothing here starts a
+reactor except ``run``/``dev``, which hand over to twistd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence, TextIO
+
+from jwtlet import keys
+from jwtlet.config import DEFAULT_DATA_DIR, ConfigError
+
+
+def run_twistd(arguments: Sequence[str]) -> int:
+    """``twistd -n --pidfile= jwtlet ARGS``: the daemon in the foreground."""
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "-n", "--pidfile=", "jwtlet", *arguments]
+    run()
+    return 0
+
+
+def daemon_arguments(args: argparse.Namespace) -> list[str]:
+    arguments = []
+    if getattr(args, "config", None):
+        arguments += ["--config", args.config]
+    if getattr(args, "dev", False):
+        arguments.append("--dev")
+    if args.data_dir:
+        arguments += ["--data-dir", args.data_dir]
+    return arguments
+
+
+def command_run(args: argparse.Namespace, out: TextIO) -> int:
+    return run_twistd(daemon_arguments(args))
+
+
+def command_dev(args: argparse.Namespace, out: TextIO) -> int:
+    args.dev = True
+    return run_twistd(daemon_arguments(args))
+
+
+def command_check_config(args: argparse.Namespace, out: TextIO) -> int:
+    from jwtlet.daemon import load_checked
+
+    try:
+        load_checked(args.config, os.environ, dev=args.dev, data_dir=args.data_dir)
+    except ConfigError as error:
+        sys.stderr.write("".join(f"{problem}\n" for problem in error.problems))
+        return 1
+    out.write("configuration OK\n")
+    return 0
+
+
+def command_plugins(args: argparse.Namespace, out: TextIO) -> int:
+    from jwtlet import config
+    from jwtlet.discovery import discover
+
+    plugin_dirs: list[str] = []
+    if args.config or os.environ.get(config.CONFIG_FILE_ENV):
+        try:
+            raw = config.load_raw(args.config, os.environ, False, Path(DEFAULT_DATA_DIR))
+        except ConfigError as error:
+            sys.stderr.write("".join(f"{problem}\n" for problem in error.problems))
+            return 1
+        found = raw.get("plugin_dirs") or []
+        plugin_dirs = [d for d in found if isinstance(d, str)]
+    discovered = discover(plugin_dirs)
+    for plugin in discovered.plugins:
+        out.write(f"{plugin.kind}\t{plugin.name}\t{plugin.module}\t{plugin.description}\n")
+    for module, reason in sorted(discovered.failures.items()):
+        out.write(f"failed\t{module}\t{reason}\n")
+    return 0
+
+
+def command_dev_token(args: argparse.Namespace, out: TextIO) -> int:
+    from jwtlet import devissuer
+
+    namespace, _, name = args.account.partition(":")
+    if not namespace or not name or ":" in name:
+        sys.stderr.write("jwtlet dev-token: give the service account as NAMESPACE:NAME\n")
+        return 2
+    data_dir = Path(args.data_dir or DEFAULT_DATA_DIR)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = devissuer.mint(
+        data_dir, namespace, name, int(time.time()), audience=args.audience, ttl=args.ttl
+    )
+    out.write(token + "\n")
+    return 0
+
+
+def command_keygen(args: argparse.Namespace, out: TextIO) -> int:
+    path = Path(args.out)
+    try:
+        keys.write_new(path, keys.generate(args.alg))
+    except FileExistsError:
+        sys.stderr.write(f"jwtlet keygen: {path} exists; refusing to overwrite it\n")
+        return 1
+    out.write(f"wrote {args.alg} key {keys.load(path)['kid']} to {path}\n")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    from jwtlet.config import DEV_CLIENT_AUDIENCE
+
+    top = argparse.ArgumentParser(prog="jwtlet", description="OAuth 2.0 token exchange daemon")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace, TextIO], int], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = add("run", command_run, "run the daemon in the foreground (twistd -n jwtlet)")
+    run.add_argument("--config")
+    run.add_argument("--dev", action="store_true")
+    run.add_argument("--data-dir")
+    dev = add("dev", command_dev, "run the daemon on the embedded development defaults")
+    dev.add_argument("--data-dir")
+    check = add("check-config", command_check_config, "validate a config and list every problem")
+    check.add_argument("--config")
+    check.add_argument("--dev", action="store_true")
+    check.add_argument("--data-dir")
+    plugins = add("plugins", command_plugins, "list discovered plugins and import failures")
+    plugins.add_argument("--config")
+    token = add("dev-token", command_dev_token, "print a subject token signed by the --dev issuer")
+    token.add_argument("account", metavar="NAMESPACE:NAME")
+    token.add_argument("--audience", default=DEV_CLIENT_AUDIENCE)
+    token.add_argument("--ttl", type=_positive_int, default=3600)
+    token.add_argument("--data-dir")
+    keygen = add("keygen", command_keygen, "write a new private JWK (mode 0600)")
+    keygen.add_argument("--alg", required=True, choices=keys.ALGORITHMS)
+    keygen.add_argument("--out", required=True)
+    return top
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.handler(args, sys.stdout))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

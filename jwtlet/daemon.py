@@ -1,0 +1,297 @@
+"""
+Wiring: from a checked config to one service tree with the providers, the two
+sites and an orderly shutdown.  ``jwtlet.tap`` and the ``jwtlet`` command call
+in here; nothing else builds providers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import attrs
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from jwtlet import config as configuration
+from jwtlet import devissuer
+from jwtlet._async import as_deferred
+from jwtlet.config import Config, ConfigError
+from jwtlet.discovery import Discovered, build, discover
+from jwtlet.exchange import TokenExchangeAPI
+from jwtlet.httpclient import build_http_client, close_http_client
+from jwtlet.interfaces import Conflict, PluginConfigError, PluginContext
+from jwtlet.issuer import Signing, TokenIssuer
+from jwtlet.logs import emit
+from jwtlet.management import ManagementAPI
+from jwtlet.metrics import Metrics
+from jwtlet.model import ResourceMapping, ScopeMapping
+from jwtlet.policy import IssueParameters, reserved_claims
+from jwtlet.web import DrainingSite, Readiness
+
+log = Logger(namespace="jwtlet.daemon")
+
+DRAIN_TIMEOUT_SECS = 10.0
+
+
+def load_checked(
+    path: Optional[str],
+    environ: Mapping[str, str],
+    dev: bool = False,
+    data_dir: Optional[str] = None,
+) -> tuple[Config, Discovered]:
+    """
+    Load the config, discover plugins (``plugin_dirs`` come from the config
+    itself) and check every ``type`` against what was found.
+    """
+    directory = Path(data_dir or configuration.DEFAULT_DATA_DIR)
+    raw = configuration.load_raw(path, environ, dev, directory)
+    plugin_dirs = raw.get("plugin_dirs")
+    if isinstance(plugin_dirs, list) and all(isinstance(d, str) for d in plugin_dirs):
+        discovered = discover(plugin_dirs)
+    else:
+        discovered = discover()
+    checked = configuration.parse(raw, dev=dev, data_dir=directory, known_plugins=discovered.known())
+    return checked, discovered
+
+
+_LOOPBACK_INTERFACE = re.compile(r"interface=(127\.[0-9.]+|localhost|\\:\\:1|::1)(:|$)")
+
+
+def check_endpoints(config: Config, reactor: Any) -> list[str]:
+    problems = []
+    for key, description in (
+        ("token_exchange_endpoint", config.token_exchange_description()),
+        ("management_endpoint", config.management_description()),
+    ):
+        try:
+            serverFromString(reactor, description)
+        except Exception as error:
+            problems.append(f"{key}: not a Twisted endpoint description ({error})")
+            continue
+        if config.dev and not description.startswith("unix:") and not _LOOPBACK_INTERFACE.search(description):
+            problems.append(f"{key}: --dev listens on loopback only")
+    return problems
+
+
+class SequentialMultiService(MultiService):
+    """
+    A ``MultiService`` that stops its children one at a time, last added
+    first, each only after the previous one finished: listeners stop, then
+    in-flight requests drain, then pools close.
+    """
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                await as_deferred(child.stopService())
+            except Exception:
+                log.failure("stopping {service} failed", service=child.name or repr(child))
+
+
+@attrs.define
+class DrainService(Service):
+    """On stop, waits (bounded) for the requests the sites still serve."""
+
+    sites: list[DrainingSite]
+    reactor: Any
+    timeout: float = DRAIN_TIMEOUT_SECS
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return ensureDeferred(self._drain())
+
+    async def _drain(self) -> None:
+        for site in self.sites:
+            waiting = site.drain()
+            waiting.addTimeout(self.timeout, self.reactor)
+            try:
+                await waiting
+            except TimeoutError:
+                log.warn("{count} requests still in flight after {timeout}s", count=site.in_flight,
+                         timeout=self.timeout)
+
+
+@attrs.define
+class HTTPClientService(Service):
+    client: Any
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        return close_http_client(self.client)
+
+
+DEV_SCOPE = ScopeMapping(scope="read", claims={"role": "reader"})
+DEV_MAPPING = ResourceMapping(
+    client_identifier="system:serviceaccount:default:demo", participant_context="demo", scopes=("read",)
+)
+
+
+@attrs.define
+class DevSeed(Service):
+    """Seeds the example scope and mapping of ``--dev`` on first start."""
+
+    store: Any
+
+    def startService(self) -> None:
+        Service.startService(self)
+        ensureDeferred(self._seed()).addErrback(lambda f: log.failure("seeding the dev store failed", f))
+
+    async def _seed(self) -> None:
+        for create in (lambda: self.store.add_scope(DEV_SCOPE), lambda: self.store.add_mapping(DEV_MAPPING)):
+            try:
+                await as_deferred(create())
+            except Conflict:
+                pass  # seeded on an earlier start
+
+
+def dev_instructions(config: Config, data_dir: Path) -> str:
+    token_url = f"http://127.0.0.1:{config.token_exchange_port}"
+    management_url = f"http://127.0.0.1:{config.management_port}"
+    directory = str(data_dir)
+    return "\n".join(
+        [
+            f"jwtlet --dev: token exchange on {token_url}, management on {management_url}",
+            "Exchange a development service account token for a jwtlet token:",
+            f"  TOKEN=$(jwtlet dev-token default:demo --data-dir {directory})",
+            f"  curl -s {token_url}/token"
+            " -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange"
+            " -d subject_token_type=urn:ietf:params:oauth:token-type:jwt"
+            ' --data-urlencode "subject_token=$TOKEN" -d resource=demo -d scope=read',
+            "Administer mappings:",
+            f"  ADMIN=$(jwtlet dev-token jwtlet:admin --data-dir {directory})",
+            f'  curl -s -H "Authorization: Bearer $ADMIN" {management_url}/api/v1/mappings',
+            "",
+        ]
+    )
+
+
+@attrs.define
+class Providers:
+    store: Any
+    signer: Any
+    validator: Any
+
+
+def build_providers(config: Config, discovered: Discovered, context: PluginContext) -> Providers:
+    """Build store, then signer and validator (which may use the store); all problems at once."""
+    problems: list[str] = []
+
+    def attempt(kind: str, section: configuration.PluginSection, ctx: PluginContext) -> Any:
+        try:
+            return build(discovered, kind, section, ctx)
+        except PluginConfigError as error:
+            problems.extend(error.messages)
+            return None
+
+    store = attempt("store", config.storage_backend, context)
+    with_store = attrs.evolve(context, store=store)
+    signer = attempt("signer", signer_section(config), with_store)
+    validator = attempt("validator", config.validator, with_store)
+    if problems:
+        raise ConfigError(problems)
+    return Providers(store=store, signer=signer, validator=validator)
+
+
+def signer_section(config: Config) -> configuration.PluginSection:
+    """vault-transit takes its options from the top-level ``vault`` table."""
+    if config.signer.type == "vault-transit":
+        options = {**(config.vault or {}), **config.signer.options}
+        return configuration.PluginSection(type=config.signer.type, options=options, section="vault")
+    return config.signer
+
+
+def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiService:
+    """The whole daemon as one service; raises :class:`ConfigError`."""
+    problems = check_endpoints(config, reactor)
+    if problems:
+        raise ConfigError(problems)
+    data_dir = config.data_dir
+    if config.dev:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        devissuer.ensure(data_dir)
+    http_client = build_http_client(reactor, ca_file=config.k8s.ca_file)
+    metrics = Metrics()
+    context = PluginContext(
+        reactor=reactor,
+        clock=reactor,
+        http_client=http_client,
+        config=config,
+        data_dir=data_dir,
+        random_bytes=os.urandom,
+    )
+    providers = build_providers(config, discovered, context)
+    hook = getattr(providers.validator, "on_jwks_refresh", None)
+    if hook is not None:
+        providers.validator.on_jwks_refresh = lambda outcome: metrics.jwks_refresh.labels(outcome).inc()
+
+    readiness = Readiness(
+        {"store": providers.store, "signer": providers.signer, "validator": providers.validator}
+    )
+    parameters = IssueParameters(
+        issuer=config.issuer,
+        participant_context_claim=config.token.participant_context_claim,
+        ttl_secs=config.token.token_ttl_secs,
+    )
+    issuer = TokenIssuer(
+        validator=providers.validator,
+        store=providers.store,
+        signing=Signing(providers.signer, reactor, metrics),
+        parameters=parameters,
+        client_audience=config.token.client_audience,
+        default_audience=config.token.audience,
+        reject_replays=config.token.reject_replayed_subject_tokens,
+        clock=reactor,
+        metrics=metrics,
+    )
+    token_api = TokenExchangeAPI(
+        issuer=issuer,
+        signer=providers.signer,
+        issuer_url=config.issuer,
+        require_subject_token_type=config.token.require_subject_token_type,
+        readiness=readiness,
+    )
+    management_api = ManagementAPI(
+        store=providers.store,
+        validator=providers.validator,
+        audience=config.management_client_audience,
+        roles=config.service_accounts,
+        reserved_claims=reserved_claims(config.token.participant_context_claim),
+        api_key_prefix=config.api_keys.prefix if config.api_keys else "jwtk",
+        metrics=metrics,
+        metrics_enabled=config.metrics.enabled,
+        readiness=readiness,
+    )
+    sites = [
+        DrainingSite(token_api.app.resource()),
+        DrainingSite(management_api.app.resource()),
+    ]
+
+    daemon = SequentialMultiService()
+    HTTPClientService(http_client).setServiceParent(daemon)
+    for provider in (providers.store, providers.signer, providers.validator):
+        if IService.providedBy(provider) and provider.parent is None:
+            provider.setServiceParent(daemon)
+    if config.dev:
+        DevSeed(providers.store).setServiceParent(daemon)
+    DrainService(sites, reactor).setServiceParent(daemon)
+    for description, site in zip(
+        (config.token_exchange_description(), config.management_description()), sites
+    ):
+        strports.service(description, site, reactor=reactor).setServiceParent(daemon)
+    if config.dev:
+        instructions = dev_instructions(config, data_dir)
+        sys.stderr.write(instructions)
+        sys.stderr.flush()
+        emit(log, "dev.instructions", instructions=instructions)
+    return daemon

@@ -1,0 +1,123 @@
+"""
+The token exchange site (default port 8080): ``POST /token``, the JWKS and the
+metadata documents.  Handlers parse and render; the decision is the issuer's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+from urllib.parse import parse_qs
+
+import attrs
+from klein import Klein
+from twisted.web.iweb import IRequest
+
+from jwtlet import policy
+from jwtlet._async import as_deferred
+from jwtlet.issuer import TokenIssuer
+from jwtlet.policy import ExchangeError
+from jwtlet.web import (
+    NO_STORE,
+    APIError,
+    Readiness,
+    add_error_handlers,
+    add_health_routes,
+    json_response,
+    media_type,
+    read_body,
+    unavailable_headers,
+)
+
+MAX_BODY = 64 * 1024
+MAX_FORM_FIELDS = 64
+FORM = "application/x-www-form-urlencoded"
+
+
+def parse_form(body: bytes) -> dict[str, list[str]]:
+    """An urlencoded body as name -> every value; malformed input is ``invalid_request``."""
+    try:
+        text = body.decode("utf-8")
+        return parse_qs(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
+    except (UnicodeDecodeError, ValueError):
+        raise policy.invalid_request("malformed form body") from None
+
+
+def error_body(error: ExchangeError) -> dict[str, str]:
+    return {"error": error.code, "error_description": error.description}
+
+
+def error_headers(error: ExchangeError) -> dict[str, str]:
+    headers = dict(NO_STORE)
+    if error.retry_after is not None:
+        headers.update(unavailable_headers(error.retry_after))
+    return headers
+
+
+def metadata(issuer: str, algorithm: str) -> dict[str, Any]:
+    """RFC 8414 authorization server metadata (also served as OIDC discovery)."""
+    return {
+        "issuer": issuer,
+        "token_endpoint": f"{issuer}/token",
+        "jwks_uri": f"{issuer}/.well-known/jwks.json",
+        "grant_types_supported": [policy.GRANT_TYPE_TOKEN_EXCHANGE],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "response_types_supported": ["token"],
+        "id_token_signing_alg_values_supported": [algorithm],
+    }
+
+
+@attrs.define
+class TokenExchangeAPI:
+    """The Klein app of the token exchange port."""
+
+    app: ClassVar[Klein] = Klein()
+
+    issuer: TokenIssuer
+    signer: Any
+    issuer_url: str
+    require_subject_token_type: bool
+    readiness: Readiness
+
+    @app.handle_errors(ExchangeError)
+    def exchange_error(self, request: IRequest, failure: Any) -> bytes:
+        error: ExchangeError = failure.value
+        return json_response(request, error_body(error), error.status, error_headers(error))
+
+    @app.route("/token", methods=["POST"])
+    async def token(self, request: IRequest) -> bytes:
+        try:
+            body = read_body(request, MAX_BODY)
+        except APIError as error:
+            error.headers = {**error.headers, **NO_STORE}
+            raise
+        if media_type(request) != FORM:
+            raise policy.invalid_request(f"the body must be {FORM}")
+        token_request = policy.parse_token_request(parse_form(body), self.require_subject_token_type)
+        if token_request.is_api_key:
+            raise policy.invalid_request("unsupported subject_token_type")
+        issued = await self.issuer.exchange(token_request)
+        response: dict[str, Any] = {
+            "access_token": issued.access_token,
+            "issued_token_type": policy.TOKEN_TYPE_JWT,
+            "token_type": "Bearer",
+            "expires_in": issued.expires_in,
+        }
+        if issued.scope:
+            response["scope"] = issued.scope
+        return json_response(request, response, 200, NO_STORE)
+
+    @app.route("/.well-known/jwks.json", methods=["GET"])
+    async def jwks(self, request: IRequest) -> bytes:
+        keys = await as_deferred(self.signer.public_jwks())
+        return json_response(request, keys, 200, {"Cache-Control": "public, max-age=300"})
+
+    @app.route("/.well-known/oauth-authorization-server", methods=["GET"])
+    def authorization_server_metadata(self, request: IRequest) -> bytes:
+        return json_response(request, metadata(self.issuer_url, self.signer.algorithm))
+
+    @app.route("/.well-known/openid-configuration", methods=["GET"])
+    def openid_configuration(self, request: IRequest) -> bytes:
+        return json_response(request, metadata(self.issuer_url, self.signer.algorithm))
+
+    add_health_routes(app)
+    add_error_handlers(app)

@@ -1,0 +1,419 @@
+"""
+The management site (default port 8081): ``/api/v1`` for mappings, scopes,
+integrations and API keys, authenticated by the caller's own token and
+authorised by role; audit events for every change; ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Awaitable, Callable, ClassVar, Mapping, Optional
+from urllib.parse import quote
+
+import attrs
+from klein import Klein
+from twisted.logger import LogLevel, Logger
+from twisted.web.iweb import IRequest
+
+from jwtlet import apikeys, resources
+from jwtlet._async import as_deferred
+from jwtlet.interfaces import Conflict, DependencyUnavailable, NotFound, TokenRejected
+from jwtlet.logs import emit
+from jwtlet.metrics import CONTENT_TYPE, Metrics
+from jwtlet.model import ApiKeyRecord, Identity, Integration
+from jwtlet.web import (
+    APIError,
+    Readiness,
+    add_error_handlers,
+    add_health_routes,
+    json_response,
+    media_type,
+    method_not_allowed,
+    path_segments,
+    read_body,
+)
+
+log = Logger(namespace="jwtlet.management")
+
+MAX_BODY = 1024 * 1024
+PREFIX = "/api/v1"
+
+READ = "jwtlet:management:read"
+MAPPINGS_WRITE = "jwtlet:management:mappings:write"
+SCOPE_WRITE = "jwtlet:management:scope:write"
+APIKEYS_WRITE = "jwtlet:management:apikeys:write"
+ALL_WRITE = "management:write"
+
+
+def may(roles: frozenset[str], needed: str) -> bool:
+    """Write roles do not imply read; ``management:write`` implies everything."""
+    return needed in roles or ALL_WRITE in roles
+
+
+def bearer_token(header: Optional[bytes]) -> Optional[str]:
+    """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
+    if not header:
+        return None
+    try:
+        scheme, _, token = header.decode("ascii").partition(" ")
+    except UnicodeDecodeError:
+        return None
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
+
+
+UNAUTHORIZED = APIError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
+FORBIDDEN = APIError(403, {"error": "forbidden"})
+
+
+def bad_request(message: str) -> APIError:
+    return APIError(400, {"error": message})
+
+
+def not_found() -> APIError:
+    return APIError(404, {"error": "not_found"})
+
+
+def conflict(message: str) -> APIError:
+    return APIError(409, {"error": message})
+
+
+@attrs.define
+class Caller:
+    identity: Identity
+    roles: frozenset[str]
+
+
+@attrs.define
+class ManagementAPI:
+    """The Klein app of the management port."""
+
+    app: ClassVar[Klein] = Klein()
+
+    store: Any
+    validator: Any
+    audience: str
+    roles: Mapping[str, tuple[str, ...]]
+    reserved_claims: frozenset[str]
+    api_key_prefix: str
+    metrics: Metrics
+    metrics_enabled: bool
+    readiness: Readiness
+    random_bytes: Callable[[int], bytes] = os.urandom
+
+    # -- plumbing -------------------------------------------------------------
+
+    def count(self, request: IRequest, route: str) -> None:
+        request.notifyFinish().addBoth(
+            lambda _: self.metrics.management_requests.labels(route, str(request.code)).inc()
+        )
+
+    async def authorise(self, request: IRequest, needed: str) -> Caller:
+        token = bearer_token(request.getHeader(b"authorization"))
+        if token is None:
+            raise UNAUTHORIZED
+        try:
+            identity: Identity = await as_deferred(self.validator.validate(token, self.audience))
+        except TokenRejected as error:
+            log.info("management caller rejected: {reason}", reason=str(error))
+            raise UNAUTHORIZED from None
+        roles = frozenset(self.roles.get(identity.username, ()))
+        if not may(roles, needed):
+            log.info("{caller} lacks {role}", caller=identity.username, role=needed)
+            raise FORBIDDEN
+        return Caller(identity, roles)
+
+    def json_body(self, request: IRequest) -> Any:
+        body = read_body(request, MAX_BODY)
+        if media_type(request) != "application/json":
+            raise APIError(415, {"error": "Content-Type must be application/json"})
+        try:
+            return resources.parse_json(body)
+        except ValueError as error:
+            raise bad_request(str(error)) from None
+
+    async def change(
+        self,
+        caller: Caller,
+        event: str,
+        subject: Mapping[str, Any],
+        action: Callable[[], Awaitable[Any]],
+    ) -> Any:
+        """
+        Run a store change and write its audit event: success only when the
+        store acknowledged it, otherwise ``refused`` with the reason.
+        """
+        try:
+            result = await action()
+        except APIError as error:
+            self.audit(caller, event, subject, "refused", str(error.body.get("error")))
+            raise
+        except DependencyUnavailable:
+            self.audit(caller, event, subject, "refused", "temporarily_unavailable")
+            raise
+        self.audit(caller, event, subject, "success")
+        return result
+
+    def audit(
+        self,
+        caller: Caller,
+        event: str,
+        subject: Mapping[str, Any],
+        outcome: str,
+        error: Optional[str] = None,
+    ) -> None:
+        fields = dict(subject, actor=caller.identity.username, outcome=outcome)
+        if error is not None:
+            fields["error"] = error
+        emit(log, event, LogLevel.info if outcome == "success" else LogLevel.warn, **fields)
+
+    def parse(self, parser: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return parser(*args)
+        except ValueError as error:
+            raise bad_request(str(error)) from None
+
+    # -- mappings -------------------------------------------------------------
+
+    @app.route(f"{PREFIX}/mappings", methods=["GET", "POST"])
+    async def mappings(self, request: IRequest) -> bytes:
+        self.count(request, "/api/v1/mappings")
+        if request.method == b"GET":
+            await self.authorise(request, READ)
+            client = request.args.get(b"clientIdentifier", [None])[0]
+            found = await as_deferred(
+                self.store.list_mappings(client.decode("utf-8", "replace") if client else None)
+            )
+            return json_response(request, [resources.mapping_to_json(m) for m in found])
+        caller = await self.authorise(request, MAPPINGS_WRITE)
+        mapping = self.parse(resources.mapping_from_json, self.json_body(request))
+        subject = {"clientIdentifier": mapping.client_identifier,
+                   "participantContext": mapping.participant_context}
+
+        async def add() -> None:
+            try:
+                await as_deferred(self.store.add_mapping(mapping))
+            except Conflict:
+                raise conflict("mapping already exists") from None
+
+        await self.change(caller, "mapping.created", subject, add)
+        location = "/".join(
+            [f"{PREFIX}/mappings", quote(mapping.client_identifier, safe=""),
+             quote(mapping.participant_context, safe="")]
+        )
+        return json_response(request, resources.mapping_to_json(mapping), 201, {"Location": location})
+
+    @app.route(f"{PREFIX}/mappings/<path:_rest>", methods=["GET", "PUT", "DELETE"])
+    async def mapping(self, request: IRequest, _rest: str) -> bytes:
+        segments = self.segments(request, "/mappings/")
+        if len(segments) == 1:
+            self.count(request, "/api/v1/mappings/{client}")
+            if request.method != b"DELETE":
+                raise method_not_allowed("DELETE")
+            return await self.delete_client(request, segments[0])
+        if len(segments) != 2:
+            raise not_found()
+        self.count(request, "/api/v1/mappings/{client}/{context}")
+        client, context = segments
+        subject = {"clientIdentifier": client, "participantContext": context}
+        if request.method == b"GET":
+            await self.authorise(request, READ)
+            try:
+                found = await as_deferred(self.store.get_mapping(client, context))
+            except NotFound:
+                raise not_found() from None
+            return json_response(request, resources.mapping_to_json(found))
+        caller = await self.authorise(request, MAPPINGS_WRITE)
+        if request.method == b"DELETE":
+            await self.change(caller, "mapping.deleted", subject,
+                              lambda: as_deferred(self.store.delete_mapping(client, context)))
+            return self.no_content(request)
+        body = self.json_body(request)
+        mapping = self.parse(resources.mapping_from_json, body)
+        if mapping.key != (client, context):
+            self.audit(caller, "mapping.updated", subject, "refused", "body names another mapping")
+            raise bad_request("the body names another mapping than the path")
+
+        async def update() -> None:
+            try:
+                await as_deferred(self.store.update_mapping(mapping))
+            except NotFound:
+                raise not_found() from None
+
+        await self.change(caller, "mapping.updated", subject, update)
+        return self.no_content(request)
+
+    async def delete_client(self, request: IRequest, client: str) -> bytes:
+        caller = await self.authorise(request, MAPPINGS_WRITE)
+        await self.change(caller, "mapping.deleted_all", {"clientIdentifier": client},
+                          lambda: as_deferred(self.store.delete_client_mappings(client)))
+        return self.no_content(request)
+
+    # -- scopes ---------------------------------------------------------------
+
+    @app.route(f"{PREFIX}/scopes", methods=["GET", "POST"])
+    async def scopes(self, request: IRequest) -> bytes:
+        self.count(request, "/api/v1/scopes")
+        if request.method == b"GET":
+            await self.authorise(request, READ)
+            found = await as_deferred(self.store.list_scopes())
+            return json_response(request, [resources.scope_to_json(s) for s in found])
+        caller = await self.authorise(request, SCOPE_WRITE)
+        scope = self.parse(resources.scope_from_json, self.json_body(request), self.reserved_claims)
+
+        async def add() -> None:
+            try:
+                await as_deferred(self.store.add_scope(scope))
+            except Conflict:
+                raise conflict("scope already exists") from None
+
+        await self.change(caller, "scope.created", {"scope": scope.scope}, add)
+        location = f"{PREFIX}/scopes/{quote(scope.scope, safe='')}"
+        return json_response(request, resources.scope_to_json(scope), 201, {"Location": location})
+
+    @app.route(f"{PREFIX}/scopes/<path:_rest>", methods=["GET", "PUT", "DELETE"])
+    async def scope(self, request: IRequest, _rest: str) -> bytes:
+        segments = self.segments(request, "/scopes/")
+        if len(segments) != 1:
+            raise not_found()
+        self.count(request, "/api/v1/scopes/{scope}")
+        name = segments[0]
+        if request.method == b"GET":
+            await self.authorise(request, READ)
+            try:
+                found = await as_deferred(self.store.get_scope(name))
+            except NotFound:
+                raise not_found() from None
+            return json_response(request, resources.scope_to_json(found))
+        caller = await self.authorise(request, SCOPE_WRITE)
+        if request.method == b"DELETE":
+            await self.change(caller, "scope.deleted", {"scope": name},
+                              lambda: as_deferred(self.store.delete_scope(name)))
+            return self.no_content(request)
+        scope = self.parse(resources.scope_from_json, self.json_body(request), self.reserved_claims)
+        if scope.scope != name:
+            self.audit(caller, "scope.updated", {"scope": name}, "refused", "body names another scope")
+            raise bad_request("the body names another scope than the path")
+
+        async def update() -> None:
+            try:
+                await as_deferred(self.store.update_scope(scope))
+            except NotFound:
+                raise not_found() from None
+
+        await self.change(caller, "scope.updated", {"scope": name}, update)
+        return self.no_content(request)
+
+    # -- integrations and API keys --------------------------------------------
+
+    @app.route(f"{PREFIX}/integrations", methods=["GET", "POST"])
+    async def integrations(self, request: IRequest) -> bytes:
+        self.count(request, "/api/v1/integrations")
+        if request.method == b"GET":
+            await self.authorise(request, READ)
+            found = await as_deferred(self.store.list_integrations())
+            return json_response(request, [resources.integration_to_json(i) for i in found])
+        caller = await self.authorise(request, APIKEYS_WRITE)
+        body = self.json_body(request)
+        if not isinstance(body, dict):
+            raise bad_request("the body must be a JSON object")
+        integration_id = body.get("integrationId")
+        if not isinstance(integration_id, str) or not apikeys.valid_id(integration_id):
+            raise bad_request("integrationId must be 1 to 64 letters, digits, '-' or '_'")
+        description = body.get("description", "")
+        if not isinstance(description, str):
+            raise bad_request("description must be a string")
+        integration = Integration(integration_id=integration_id, description=description)
+
+        async def add() -> None:
+            try:
+                await as_deferred(self.store.add_integration(integration))
+            except Conflict:
+                raise conflict("integration already exists") from None
+
+        await self.change(caller, "integration.created", {"integrationId": integration_id}, add)
+        return json_response(request, resources.integration_to_json(integration), 201)
+
+    @app.route(f"{PREFIX}/integrations/<path:_rest>", methods=["POST", "DELETE"])
+    async def integration_keys(self, request: IRequest, _rest: str) -> bytes:
+        segments = self.segments(request, "/integrations/")
+        if len(segments) == 2 and segments[1] == "keys":
+            self.count(request, "/api/v1/integrations/{id}/keys")
+            if request.method != b"POST":
+                raise method_not_allowed("POST")
+            return await self.create_key(request, segments[0])
+        if len(segments) == 3 and segments[1] == "keys":
+            self.count(request, "/api/v1/integrations/{id}/keys/{keyId}")
+            if request.method != b"DELETE":
+                raise method_not_allowed("DELETE")
+            caller = await self.authorise(request, APIKEYS_WRITE)
+            integration_id, key_id = segments[0], segments[2]
+            await self.change(
+                caller, "apikey.revoked", {"integrationId": integration_id, "keyId": key_id},
+                lambda: as_deferred(self.store.revoke_api_key(integration_id, key_id)),
+            )
+            return self.no_content(request)
+        raise not_found()
+
+    async def create_key(self, request: IRequest, integration_id: str) -> bytes:
+        caller = await self.authorise(request, APIKEYS_WRITE)
+        body = self.json_body(request)
+        if not isinstance(body, dict):
+            raise bad_request("the body must be a JSON object")
+        tier = body.get("tier", 0)
+        if isinstance(tier, bool) or not isinstance(tier, int):
+            raise bad_request("tier must be an integer")
+        description = body.get("description", "")
+        if not isinstance(description, str):
+            raise bad_request("description must be a string")
+        key_id = body.get("keyId")
+        if key_id is not None and (not isinstance(key_id, str) or not apikeys.valid_id(key_id)):
+            raise bad_request("keyId must be 1 to 64 letters, digits, '-' or '_'")
+        new = apikeys.make_key(self.api_key_prefix, integration_id, key_id, self.random_bytes)
+        record = ApiKeyRecord(
+            integration_id=integration_id,
+            key_id=new.key_id,
+            secret_sha256=new.secret_sha256,
+            tier=tier,
+            description=description,
+        )
+
+        async def add() -> None:
+            try:
+                await as_deferred(self.store.add_api_key(record))
+            except NotFound:
+                raise not_found() from None
+            except Conflict:
+                raise conflict("keyId already exists") from None
+
+        await self.change(caller, "apikey.created",
+                          {"integrationId": integration_id, "keyId": new.key_id}, add)
+        return json_response(request, {"keyId": new.key_id, "apiKey": new.text}, 201)
+
+    # -- the rest ---------------------------------------------------------------
+
+    @app.route(f"{PREFIX}/<path:_rest>", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    def unknown(self, request: IRequest, _rest: str) -> bytes:
+        raise not_found()
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheus(self, request: IRequest) -> bytes:
+        if not self.metrics_enabled:
+            raise not_found()
+        request.setHeader(b"Content-Type", CONTENT_TYPE.encode())
+        return self.metrics.exposition()
+
+    def segments(self, request: IRequest, collection: str) -> list[str]:
+        try:
+            return path_segments(request, PREFIX + collection)
+        except UnicodeDecodeError:
+            raise bad_request("path segments must be UTF-8") from None
+
+    def no_content(self, request: IRequest) -> bytes:
+        request.setResponseCode(204)
+        return b""
+
+    add_health_routes(app)
+    add_error_handlers(app)

@@ -1,0 +1,270 @@
+"""
+The exchange policy as pure functions: what a token request means, whether the
+mapping allows it, which claims and audience the issued token gets.  No I/O
+here; every rule is tested without a reactor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import attrs
+
+from jwtlet.model import Identity, ResourceMapping, ScopeMapping
+
+GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
+TOKEN_TYPE_ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
+TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+TOKEN_TYPE_API_KEY = "urn:jwtlet:params:oauth:token-type:api-key"
+SUBJECT_TOKEN_TYPES = frozenset({TOKEN_TYPE_JWT, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_ACCESS_TOKEN})
+REQUESTED_TOKEN_TYPES = frozenset({TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN})
+
+RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "act"})
+
+Audience = Union[str, list[str]]
+
+
+# -- the errors of the decision, each with its RFC 6749 code and status ---------
+
+
+@attrs.define(auto_exc=True)
+class ExchangeError(Exception):
+    """A refusal: ``code`` is the RFC 6749 ``error``, ``status`` the HTTP status."""
+
+    code: str
+    description: str
+    status: int = 400
+    retry_after: Optional[int] = None
+
+
+def invalid_request(description: str) -> ExchangeError:
+    return ExchangeError("invalid_request", description)
+
+
+def invalid_grant(description: str = "subject token rejected") -> ExchangeError:
+    return ExchangeError("invalid_grant", description)
+
+
+def unauthorized_client(description: str) -> ExchangeError:
+    return ExchangeError("unauthorized_client", description, 403)
+
+
+def invalid_scope(description: str) -> ExchangeError:
+    return ExchangeError("invalid_scope", description)
+
+
+def temporarily_unavailable(retry_after: int = 5) -> ExchangeError:
+    return ExchangeError(
+        "temporarily_unavailable", "a dependency is unavailable, retry later", 503, retry_after
+    )
+
+
+def server_error() -> ExchangeError:
+    return ExchangeError("server_error", "internal error", 500)
+
+
+# -- the request ----------------------------------------------------------------
+
+
+@attrs.frozen
+class TokenRequest:
+    """A well-formed RFC 8693 request, as the form said it."""
+
+    subject_token: str = attrs.field(repr=False)
+    subject_token_type: Optional[str]
+    resource: str
+    scopes: tuple[str, ...] = ()
+    audiences: tuple[str, ...] = ()
+    actor_token: Optional[str] = attrs.field(default=None, repr=False)
+    actor_token_type: Optional[str] = None
+
+    @property
+    def is_api_key(self) -> bool:
+        return self.subject_token_type == TOKEN_TYPE_API_KEY
+
+
+def parse_scope(value: Optional[str]) -> tuple[str, ...]:
+    """Space-separated scopes, duplicates dropped, sorted."""
+    if not value:
+        return ()
+    return tuple(sorted(set(value.split())))
+
+
+def parse_token_request(
+    fields: Mapping[str, Sequence[str]], require_subject_token_type: bool = False
+) -> TokenRequest:
+    """
+    Check the form of ``POST /token`` (``fields`` maps each name to every
+    value sent) and return what it asks for, or raise :class:`ExchangeError`.
+    """
+    for name, values in fields.items():
+        if name != "audience" and len(values) > 1:
+            if name == "resource":
+                raise ExchangeError("invalid_target", "only one resource may be requested")
+            raise invalid_request(f"parameter '{name}' sent more than once")
+
+    def single(name: str) -> Optional[str]:
+        values = fields.get(name)
+        return values[0] if values else None
+
+    def required(name: str) -> str:
+        value = single(name)
+        if not value:
+            raise invalid_request(f"missing parameter '{name}'")
+        return value
+
+    grant_type = required("grant_type")
+    if grant_type != GRANT_TYPE_TOKEN_EXCHANGE:
+        raise ExchangeError("unsupported_grant_type", "only token exchange is supported")
+    subject_token = required("subject_token")
+    subject_token_type = single("subject_token_type") or None
+    if subject_token_type is None:
+        if require_subject_token_type:
+            raise invalid_request("missing parameter 'subject_token_type'")
+    elif subject_token_type not in SUBJECT_TOKEN_TYPES and subject_token_type != TOKEN_TYPE_API_KEY:
+        raise invalid_request("unsupported subject_token_type")
+    resource = required("resource")
+    requested_type = single("requested_token_type")
+    if requested_type is not None and requested_type not in REQUESTED_TOKEN_TYPES:
+        raise invalid_request("unsupported requested_token_type")
+    audiences = tuple(dict.fromkeys(a for a in fields.get("audience", ()) if a))
+    actor_token = single("actor_token") or None
+    actor_token_type = single("actor_token_type") or None
+    if actor_token is not None and actor_token_type is None:
+        raise invalid_request("missing parameter 'actor_token_type'")
+    if actor_token is None and actor_token_type is not None:
+        raise invalid_request("actor_token_type sent without actor_token")
+    if actor_token_type is not None and actor_token_type not in SUBJECT_TOKEN_TYPES:
+        raise invalid_request("unsupported actor_token_type")
+    return TokenRequest(
+        subject_token=subject_token,
+        subject_token_type=subject_token_type,
+        resource=resource,
+        scopes=parse_scope(single("scope")),
+        audiences=audiences,
+        actor_token=actor_token,
+        actor_token_type=actor_token_type,
+    )
+
+
+# -- the decision ---------------------------------------------------------------
+
+
+def check_scopes_allowed(mapping: ResourceMapping, requested: Iterable[str]) -> None:
+    """Step 2: every requested scope must be in the mapping's scopes."""
+    missing = sorted(set(requested) - set(mapping.scopes))
+    if missing:
+        raise unauthorized_client("scope not allowed for this client and resource")
+
+
+def reserved_claims(participant_context_claim: str) -> frozenset[str]:
+    return RESERVED_CLAIMS | {participant_context_claim}
+
+
+def expand_scopes(
+    requested: Iterable[str],
+    scope_mappings: Mapping[str, ScopeMapping],
+    reserved: frozenset[str],
+) -> dict[str, Any]:
+    """
+    Step 3: merge the claims of the requested scopes.  Two scopes giving one
+    claim different values is ``invalid_scope``.  Reserved names are never
+    taken from a scope mapping, whatever the store holds.
+    """
+    claims: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for scope in sorted(set(requested)):
+        mapping = scope_mappings.get(scope)
+        if mapping is None:
+            continue
+        for name, value in mapping.claims.items():
+            if name in reserved:
+                continue
+            if name in claims and claims[name] != value:
+                raise invalid_scope(f"scopes '{origin[name]}' and '{scope}' conflict on claim '{name}'")
+            claims[name] = value
+            origin.setdefault(name, scope)
+    return claims
+
+
+def choose_audience(
+    requested: Sequence[str], allowed: Sequence[str], default: str
+) -> Audience:
+    """Step 4: the ``aud`` of the issued token, or ``unauthorized_client``."""
+    if not requested:
+        if not allowed or default in allowed:
+            return default
+        raise unauthorized_client("audience not allowed")
+    for audience in requested:
+        permitted = audience in allowed if allowed else audience == default
+        if not permitted:
+            raise unauthorized_client("audience not allowed")
+    return requested[0] if len(requested) == 1 else list(requested)
+
+
+def actor_claim(subject: Identity, actor: Optional[Identity] = None) -> dict[str, Any]:
+    """
+    ``act``: the service account that asked; with an actor token, the actor is
+    the current one and the service account is nested (RFC 8693 §4.1).
+    """
+    service_account: dict[str, Any] = {"sub": subject.username, "iss": subject.issuer}
+    if subject.uid:
+        service_account["k8s_uid"] = subject.uid
+    if actor is None:
+        return service_account
+    current: dict[str, Any] = {"sub": actor.username, "iss": actor.issuer}
+    if actor.uid:
+        current["k8s_uid"] = actor.uid
+    current["act"] = service_account
+    return current
+
+
+@attrs.frozen
+class IssueParameters:
+    """The fixed parts of every issued token."""
+
+    issuer: str
+    participant_context_claim: str
+    ttl_secs: int
+
+
+def token_claims(
+    parameters: IssueParameters,
+    participant_context: str,
+    audience: Audience,
+    scope_claims: Mapping[str, Any],
+    act: Optional[Mapping[str, Any]],
+    now: int,
+    token_id: str,
+) -> dict[str, Any]:
+    """
+    The claims of an issued token.  The registered claims are written last so
+    that nothing a scope mapping says can replace them.
+    """
+    claims = {
+        name: value
+        for name, value in scope_claims.items()
+        if name not in reserved_claims(parameters.participant_context_claim)
+    }
+    claims.update(
+        {
+            "iss": parameters.issuer,
+            "sub": participant_context,
+            parameters.participant_context_claim: participant_context,
+            "aud": audience,
+            "iat": now,
+            "nbf": now,
+            "exp": now + parameters.ttl_secs,
+            "jti": token_id,
+        }
+    )
+    if act is not None:
+        claims["act"] = dict(act)
+    return claims
+
+
+def granted_scope(scopes: Iterable[str]) -> Optional[str]:
+    """The ``scope`` member of the response, or ``None`` when empty."""
+    joined = " ".join(sorted(set(scopes)))
+    return joined or None

@@ -1,0 +1,96 @@
+"""
+The ``local-key`` signer: private keys in local JWK or PEM files.  The first
+key signs; every listed key is published, so rotating is adding a new file at
+the head of ``key_files`` and dropping the old one once its tokens expired.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+from jwcrypto.common import json_encode
+from jwcrypto.jwk import JWK
+from jwcrypto.jws import JWS
+from twisted.internet.defer import Deferred, succeed
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from jwtlet import keys
+from jwtlet.interfaces import ISigner, ISignerFactory, PluginConfigError, PluginContext
+
+
+@implementer(ISigner)
+@attrs.define
+class LocalKeySigner:
+    signing_key: JWK
+    algorithm: str
+    jwks: dict[str, Any]
+
+    def sign(self, header: dict[str, Any], claims: dict[str, Any]) -> Deferred[str]:
+        protected = dict(header, alg=self.algorithm, kid=self.signing_key.get("kid"))
+        jws = JWS(json_encode(claims).encode("utf-8"))
+        jws.add_signature(self.signing_key, alg=self.algorithm, protected=json_encode(protected))
+        return succeed(jws.serialize(compact=True))
+
+    def public_jwks(self) -> Deferred[dict[str, Any]]:
+        return succeed(self.jwks)
+
+
+def _key_paths(options: Mapping[str, Any], context: PluginContext, problems: list[str]) -> list[Path]:
+    single = options.get("key_file")
+    several = options.get("key_files")
+    if single is not None and several is not None:
+        problems.append("key_file and key_files: give one of them")
+    if several is not None:
+        if not isinstance(several, list) or not several or not all(isinstance(p, str) for p in several):
+            problems.append("key_files: must be a non-empty list of paths")
+            return []
+        return [Path(p) for p in several]
+    if single is None:
+        return [Path(context.data_dir) / "signing-key.jwk"]
+    if not isinstance(single, str) or not single:
+        problems.append("key_file: must be a path")
+        return []
+    return [Path(single)]
+
+
+@implementer(IPlugin, ISignerFactory)
+@attrs.frozen
+class LocalKeySignerFactory:
+    name: str = "local-key"
+    description: str = "signs with private keys from local JWK or PEM files (EdDSA, ES256/384, RS256, PS256)"
+
+    def build(self, options: Mapping[str, Any], context: PluginContext) -> LocalKeySigner:
+        problems = [f"{key}: unknown key" for key in options
+                    if key not in ("key_file", "key_files", "generate", "algorithm")]
+        generate = options.get("generate", False)
+        if not isinstance(generate, bool):
+            problems.append("generate: must be true or false")
+        preferred = options.get("algorithm")
+        if preferred is not None and preferred not in keys.ALGORITHMS:
+            problems.append(f"algorithm: must be one of {', '.join(keys.ALGORITHMS)}")
+        paths = _key_paths(options, context, problems)
+        if problems:
+            raise PluginConfigError(*problems)
+        if generate is True and paths and not paths[0].exists():
+            keys.write_new(paths[0], keys.generate(preferred or "EdDSA"))
+        loaded = []
+        for path in paths:
+            try:
+                key = keys.load(path)
+                loaded.append((key, keys.algorithm_for(key, preferred)))
+            except keys.KeyError_ as error:
+                problems.append(f"key_file: {error}")
+        if problems:
+            raise PluginConfigError(*problems)
+        signing_key, algorithm = loaded[0]
+        return LocalKeySigner(
+            signing_key=signing_key,
+            algorithm=algorithm,
+            jwks={"keys": [keys.public_jwk(key, alg) for key, alg in loaded]},
+        )
+
+
+local_key = LocalKeySignerFactory()
