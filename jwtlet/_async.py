@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
-
-T = TypeVar("T")
 
 
 def as_deferred(result: Any) -> Deferred[Any]:
     """Wrap whatever a provider method returned in a ``Deferred``."""
     if isinstance(result, Deferred):
         return result
-    if inspect.isawaitable(result):
+    if inspect.iscoroutine(result):
         return ensureDeferred(result)
+    if inspect.isawaitable(result):
+        return Deferred.fromFuture(asyncio.ensure_future(result))
     return succeed(result)

@@ -228,7 +228,7 @@ class _Section:
                 self.problem(key, message)
         return converted
 
-    def table(self, key: str) -> "_Section":
+    def table(self, key: str) -> _Section:
         self.read.add(key)
         return _Section(self.raw.get(key), self.key_path(key), self.problems)
 

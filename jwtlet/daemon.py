@@ -286,7 +286,7 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
         DevSeed(providers.store).setServiceParent(daemon)
     DrainService(sites, reactor).setServiceParent(daemon)
     for description, site in zip(
-        (config.token_exchange_description(), config.management_description()), sites
+        (config.token_exchange_description(), config.management_description()), sites, strict=True
     ):
         strports.service(description, site, reactor=reactor).setServiceParent(daemon)
     if config.dev:

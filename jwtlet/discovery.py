@@ -97,6 +97,7 @@ def discover(plugin_dirs: Sequence[str] = ()) -> Discovered:
     failures = _import_failures()
     plugins = []
     for kind, (factory_interface, _) in KINDS.items():
+        factory: Any
         for factory in getPlugins(factory_interface, jwtlet.plugins):
             plugins.append(
                 Found(

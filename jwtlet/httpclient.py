@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
-from treq.client import HTTPClient
 
 
 def tls_policy(ca_file: Optional[str]) -> IPolicyForHTTPS:

@@ -81,7 +81,7 @@ class PluginContext:
     reactor: Any
     clock: Any
     http_client: Any
-    config: "Config"
+    config: Config
     data_dir: Path
     store: Optional[Any] = None
     random_bytes: Any = None

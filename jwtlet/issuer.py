@@ -10,7 +10,7 @@ import uuid
 from typing import Any, Callable, Optional
 
 import attrs
-from twisted.logger import LogLevel, Logger
+from twisted.logger import Logger, LogLevel
 
 from jwtlet import policy
 from jwtlet._async import as_deferred

@@ -19,9 +19,9 @@ import attrs
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
-    Logger,
     formatEvent,
     textFileLogObserver,
 )

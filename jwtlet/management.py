@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import attrs
 from klein import Klein
-from twisted.logger import LogLevel, Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
 
 from jwtlet import apikeys, resources
@@ -105,7 +105,8 @@ class ManagementAPI:
 
     # -- plumbing -------------------------------------------------------------
 
-    def count(self, request: IRequest, route: str) -> None:
+    def count(self, request: Any, route: str) -> None:
+        """Count the request by route and final status once it is answered."""
         request.notifyFinish().addBoth(
             lambda _: self.metrics.management_requests.labels(route, str(request.code)).inc()
         )

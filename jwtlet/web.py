@@ -7,7 +7,7 @@ requests on shutdown.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, cast
 from urllib.parse import unquote
 
 import attrs
@@ -61,47 +61,47 @@ def add_error_handlers(app: Klein) -> None:
     down, werkzeug's 404/405, a cancelled request, anything else (logged, 500).
 
     ``app`` is the class attribute of an API class, so Klein passes the API
-    instance first; these handlers do not need it.
+    instance first (as ``self``); these handlers do not need it.
     """
 
     @app.handle_errors(APIError)
-    def api_error(_api: object, request: IRequest, failure: Failure) -> bytes:
-        error: APIError = failure.value
+    def api_error(self: Any, request: IRequest, failure: Failure) -> bytes:
+        error = cast(APIError, failure.value)
         return json_response(request, error.body, error.status, error.headers)
 
     @app.handle_errors(DependencyUnavailable)
-    def dependency_down(_api: object, request: IRequest, failure: Failure) -> bytes:
+    def dependency_down(self: Any, request: IRequest, failure: Failure) -> bytes:
         log.warn("dependency unavailable: {reason}", reason=str(failure.value))
         return json_response(
             request,
             {"error": "temporarily_unavailable"},
             503,
-            unavailable_headers(failure.value.retry_after),
+            unavailable_headers(cast(DependencyUnavailable, failure.value).retry_after),
         )
 
     @app.handle_errors(MethodNotAllowed)
-    def method_not_allowed(_api: object, request: IRequest, failure: Failure) -> bytes:
-        allowed = sorted(set(failure.value.valid_methods or ()))
+    def method_not_allowed(self: Any, request: IRequest, failure: Failure) -> bytes:
+        allowed = sorted(set(cast(MethodNotAllowed, failure.value).valid_methods or ()))
         return json_response(
             request, {"error": "method_not_allowed"}, 405, {"Allow": ", ".join(allowed)}
         )
 
     @app.handle_errors(NotFound)
-    def not_found(_api: object, request: IRequest, failure: Failure) -> bytes:
+    def not_found(self: Any, request: IRequest, failure: Failure) -> bytes:
         return json_response(request, {"error": "not_found"}, 404)
 
     @app.handle_errors(HTTPException)
-    def http_exception(_api: object, request: IRequest, failure: Failure) -> bytes:
-        code = failure.value.code or 400
-        return json_response(request, {"error": (failure.value.name or "error").lower().replace(" ", "_")}, code)
+    def http_exception(self: Any, request: IRequest, failure: Failure) -> bytes:
+        error = cast(HTTPException, failure.value)
+        return json_response(request, {"error": (error.name or "error").lower().replace(" ", "_")}, error.code or 400)
 
     @app.handle_errors(CancelledError)
-    def cancelled(_api: object, request: IRequest, failure: Failure) -> bytes:
+    def cancelled(self: Any, request: IRequest, failure: Failure) -> bytes:
         # The client went away; nobody reads this.
         return b""
 
     @app.handle_errors(Exception)
-    def internal(_api: object, request: IRequest, failure: Failure) -> bytes:
+    def internal(self: Any, request: IRequest, failure: Failure) -> bytes:
         log.failure("unhandled error in {method} {path}", failure,
                     method=_text(request.method), path=_text(request.path))
         return json_response(request, {"error": "server_error"}, 500)
@@ -189,13 +189,13 @@ def add_health_routes(app: Klein) -> None:
     """
 
     @app.route("/health", methods=["GET"])
-    def health(_api: object, request: IRequest) -> bytes:
+    def health(self: Any, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"OK"
 
     @app.route("/ready", methods=["GET"])
-    async def ready(api: Any, request: IRequest) -> bytes:
-        readiness: Readiness = api.readiness
+    async def ready(self: Any, request: IRequest) -> bytes:
+        readiness: Readiness = self.readiness
         checks = await readiness.check()
         if all(result == "ok" for result in checks.values()):
             return json_response(request, {"status": "ready"})

@@ -1,0 +1,160 @@
+"""
+Building the two Klein apps in memory, with the memory store, a local key and
+a static validator, for StubTreq tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+
+from jwtlet import config as configuration
+from jwtlet import keys
+from jwtlet.daemon import Providers
+from jwtlet.discovery import build, discover
+from jwtlet.exchange import TokenExchangeAPI
+from jwtlet.interfaces import PluginContext
+from jwtlet.issuer import Signing, TokenIssuer
+from jwtlet.management import ManagementAPI
+from jwtlet.metrics import Metrics
+from jwtlet.policy import IssueParameters, reserved_claims
+from jwtlet.testing.fakes import StaticValidator, service_account
+from jwtlet.web import Readiness
+
+CLIENT_AUDIENCE = "https://kubernetes.test"
+ADMIN = service_account("platform", "admin")
+READER = service_account("platform", "reader")
+WRITER = service_account("platform", "writer")
+WORKLOAD = service_account("ns", "workload")
+
+BASE_CONFIG = {
+    "issuer": "https://jwtlet.test",
+    "token": {"client_audience": CLIENT_AUDIENCE, "audience": "default-aud", "token_ttl_secs": 600},
+    "storage_backend": {"type": "memory"},
+    "validator": {"type": "kubernetes-oidc", "issuers": []},
+    "signer": {"type": "local-key"},
+    "service_accounts": {
+        ADMIN.username: ["management:write"],
+        READER.username: ["jwtlet:management:read"],
+        WRITER.username: ["jwtlet:management:mappings:write"],
+    },
+}
+
+
+@attrs.define
+class Apps:
+    clock: Clock
+    validator: StaticValidator
+    providers: Providers
+    metrics: Metrics
+    token_api: TokenExchangeAPI
+    management_api: ManagementAPI
+    token: StubTreq
+    management: StubTreq
+
+    def store(self) -> Any:
+        return self.providers.store
+
+
+def make_apps(tmp_path: Path, overrides: Optional[dict[str, Any]] = None) -> Apps:
+    keys.write_new(tmp_path / "signing.jwk", keys.generate("EdDSA"))
+    raw = configuration.merge(BASE_CONFIG, {"signer": {"key_file": str(tmp_path / "signing.jwk")}})
+    raw = configuration.merge(raw, overrides or {})
+    config = configuration.parse(raw, data_dir=tmp_path)
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    context = PluginContext(
+        reactor=clock, clock=clock, http_client=None, config=config, data_dir=tmp_path
+    )
+    discovered = discover()
+    validator = StaticValidator()
+    providers = Providers(
+        store=build(discovered, "store", config.storage_backend, context),
+        signer=build(discovered, "signer", config.signer, context),
+        validator=validator,
+    )
+    for identity in (ADMIN, READER, WRITER, WORKLOAD):
+        validator.add(f"token-{identity.name}", identity, CLIENT_AUDIENCE)
+    metrics = Metrics()
+    readiness = Readiness({"store": providers.store, "signer": providers.signer, "validator": validator})
+    issuer = TokenIssuer(
+        validator=validator,
+        store=providers.store,
+        signing=Signing(providers.signer, clock, metrics),
+        parameters=IssueParameters(config.issuer, config.token.participant_context_claim,
+                                   config.token.token_ttl_secs),
+        client_audience=config.token.client_audience,
+        default_audience=config.token.audience,
+        reject_replays=config.token.reject_replayed_subject_tokens,
+        clock=clock,
+        metrics=metrics,
+    )
+    token_api = TokenExchangeAPI(
+        issuer=issuer,
+        signer=providers.signer,
+        issuer_url=config.issuer,
+        require_subject_token_type=config.token.require_subject_token_type,
+        readiness=readiness,
+    )
+    management_api = ManagementAPI(
+        store=providers.store,
+        validator=validator,
+        audience=config.management_client_audience,
+        roles=config.service_accounts,
+        reserved_claims=reserved_claims(config.token.participant_context_claim),
+        api_key_prefix="jwtk",
+        metrics=metrics,
+        metrics_enabled=config.metrics.enabled,
+        readiness=readiness,
+        random_bytes=lambda n: bytes(range(n)),
+    )
+    return Apps(
+        clock=clock,
+        validator=validator,
+        providers=providers,
+        metrics=metrics,
+        token_api=token_api,
+        management_api=management_api,
+        token=StubTreq(token_api.app.resource()),
+        management=StubTreq(management_api.app.resource()),
+    )
+
+
+
+def result_of(stub: StubTreq, deferred: Any) -> Any:
+    """Run the in-memory request to completion and return its result."""
+    stub.flush()
+    results: list[Any] = []
+    deferred.addBoth(results.append)
+    stub.flush()
+    assert results, "the request did not complete"
+    outcome = results[0]
+    if hasattr(outcome, "raiseException"):
+        outcome.raiseException()
+    return outcome
+
+
+@attrs.frozen
+class Reply:
+    code: int
+    headers: Any
+    body: bytes
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+    def header(self, name: str) -> Optional[str]:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+
+def call(stub: StubTreq, method: str, url: str, **kwargs: Any) -> Reply:
+    response = result_of(stub, stub.request(method, url, **kwargs))
+    body = result_of(stub, response.content())
+    return Reply(response.code, response.headers, body)

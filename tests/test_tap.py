@@ -1,0 +1,179 @@
+"""The twistd plugin's wiring, on a MemoryReactor: options, sites, plugin dirs, stop order."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.application.service import IService, IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import IPlugin
+
+import jwtlet.tap
+from jwtlet import config as configuration
+from jwtlet import daemon, keys
+from jwtlet.config import ConfigError
+
+STATIC_VALIDATOR_PLUGIN = textwrap.dedent(
+    '''
+    from twisted.plugin import IPlugin
+    from zope.interface import implementer
+
+    from jwtlet.interfaces import IValidatorFactory, PluginConfigError
+    from jwtlet.testing.fakes import StaticValidator
+
+
+    @implementer(IPlugin, IValidatorFactory)
+    class StaticValidatorFactory:
+        name = "static-test"
+        description = "accepts a fixed set of tokens (tests)"
+
+        def build(self, options, context):
+            if set(options) - {"strict"}:
+                raise PluginConfigError(*(f"{k}: unknown key" for k in sorted(set(options) - {"strict"})))
+            return StaticValidator()
+
+
+    static_test = StaticValidatorFactory()
+    '''
+)
+
+
+@pytest.fixture
+def plugin_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "plugins"
+    directory.mkdir()
+    (directory / "static_test_validator.py").write_text(STATIC_VALIDATOR_PLUGIN)
+    (directory / "broken_plugin.py").write_text("import no_such_module_anywhere\n")
+    return directory
+
+
+def write_config(tmp_path: Path, plugin_dir: Path, **extra: Any) -> Path:
+    keys.write_new(tmp_path / "signing.jwk", keys.generate("ES256"))
+    raw = {
+        "issuer": "https://jwtlet.test",
+        "bind": "127.0.0.1",
+        "token_exchange_port": 18080,
+        "management_port": 18081,
+        "plugin_dirs": [str(plugin_dir)],
+        "storage_backend": {"type": "memory"},
+        "validator": {"type": "static-test"},
+        "signer": {"type": "local-key", "key_file": str(tmp_path / "signing.jwk")},
+        "token": {"client_audience": "ca", "audience": "svc"},
+    }
+    raw.update(extra)
+    path = tmp_path / "jwtlet.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_dropin_points_at_jwtlet_tap() -> None:
+    from twisted.plugins.jwtlet_plugin import jwtlet as service_maker
+
+    assert IPlugin.providedBy(service_maker)
+    assert IServiceMaker.providedBy(service_maker)
+    assert service_maker.tapname == "jwtlet"
+    assert service_maker.options is jwtlet.tap.Options
+    assert service_maker.makeService is jwtlet.tap.makeService
+
+
+def test_make_service_opens_both_ports_and_starts_providers(tmp_path: Path, plugin_dir: Path) -> None:
+    path = write_config(tmp_path, plugin_dir)
+    config, discovered = daemon.load_checked(str(path), {})
+    assert "jwtlet.plugins.broken_plugin" in discovered.failures
+    assert "No module named 'no_such_module_anywhere'" in discovered.failures["jwtlet.plugins.broken_plugin"]
+    reactor = MemoryReactorClock()
+    service = daemon.make_service(config, discovered, reactor)
+    assert IService.providedBy(service)
+    service.startService()
+    assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
+        (18080, "127.0.0.1"),
+        (18081, "127.0.0.1"),
+    ]
+    stopped: list[Any] = []
+    service.stopService().addBoth(stopped.append)
+    assert stopped == [None]
+
+
+def test_plugin_option_problems_are_reported_with_their_section(tmp_path: Path, plugin_dir: Path) -> None:
+    path = write_config(tmp_path, plugin_dir, validator={"type": "static-test", "bogus": 1, "other": 2},
+                        signer={"type": "local-key", "key_file": str(tmp_path / "missing.jwk")})
+    config, discovered = daemon.load_checked(str(path), {})
+    with pytest.raises(ConfigError) as raised:
+        daemon.make_service(config, discovered, MemoryReactorClock())
+    assert raised.value.problems[0].startswith("signer.key_file: ")
+    assert raised.value.problems[1:] == ["validator.bogus: unknown key", "validator.other: unknown key"]
+
+
+def test_bad_endpoint_descriptions_are_config_errors(tmp_path: Path, plugin_dir: Path) -> None:
+    path = write_config(tmp_path, plugin_dir, management_endpoint="nonsense:1234")
+    config, discovered = daemon.load_checked(str(path), {})
+    with pytest.raises(ConfigError) as raised:
+        daemon.make_service(config, discovered, MemoryReactorClock())
+    assert raised.value.problems[0].startswith("management_endpoint: not a Twisted endpoint description")
+
+
+def test_options_exit_1_with_every_problem_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("token_exchange_port: 0\nsigner: {type: nope}\n")
+    options = jwtlet.tap.Options()
+    with pytest.raises(SystemExit) as raised:
+        options.parseOptions(["--config", str(bad)])
+    assert raised.value.code == 1
+    err = capsys.readouterr().err
+    assert "issuer: required" in err
+    assert "token_exchange_port: must be between 1 and 65535" in err
+    assert "signer.type: no signer plugin named 'nope'" in err
+
+
+def test_sequential_stop_order() -> None:
+    from twisted.application.service import Service
+    from twisted.internet.defer import Deferred
+
+    order: list[str] = []
+    pending: Deferred[None] = Deferred()
+
+    class Recorder(Service):
+        def __init__(self, name: str, result: Any = None):
+            self.name, self.result = name, result
+
+        def stopService(self) -> Any:
+            order.append(self.name)
+            return self.result
+
+    parent = daemon.SequentialMultiService()
+    for child in (Recorder("pools"), Recorder("drain", pending), Recorder("listeners")):
+        child.setServiceParent(parent)
+    parent.startService()
+    done: list[Any] = []
+    parent.stopService().addBoth(done.append)
+    assert order == ["listeners", "drain"], "pools wait for the drain"
+    pending.callback(None)
+    assert order == ["listeners", "drain", "pools"]
+    assert done == [None]
+
+
+def test_drain_waits_for_in_flight_requests_with_a_bound() -> None:
+    from jwtlet.web import DrainingSite
+
+    reactor = MemoryReactorClock()
+    site = DrainingSite(None)
+    site.in_flight = 1
+    drain = daemon.DrainService([site], reactor, timeout=10)
+    done: list[Any] = []
+    drain.stopService().addBoth(done.append)
+    reactor.advance(9)
+    assert done == []
+    reactor.advance(2)
+    assert done == [None], "gives up after the timeout instead of hanging"
+
+
+def test_dev_instructions_name_the_commands(tmp_path: Path) -> None:
+    config = configuration.load(None, {}, dev=True, data_dir=str(tmp_path))
+    text = daemon.dev_instructions(config, tmp_path)
+    assert f"jwtlet dev-token default:demo --data-dir {tmp_path}" in text
+    assert "curl -s http://127.0.0.1:8080/token" in text

@@ -1,0 +1,216 @@
+"""POST /token and the documents of the token exchange port, in memory (StubTreq)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jwt as pyjwt
+import pytest
+from apps import ADMIN, CLIENT_AUDIENCE, WORKLOAD, Apps, Reply, call, make_apps
+
+from jwtlet import policy
+from jwtlet.model import ResourceMapping, ScopeMapping
+from jwtlet.testing.fakes import service_account
+
+URL = "http://jwtlet.test"
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def settled(deferred: Any) -> Any:
+    results: list[Any] = []
+    deferred.addBoth(results.append)
+    assert results, "expected an already-fired Deferred"
+    return results[0]
+
+
+@pytest.fixture
+def apps(tmp_path: Path) -> Apps:
+    apps = make_apps(tmp_path)
+    store = apps.store()
+    settled(store.add_scope(ScopeMapping("read", {"role": "reader", "level": 1})))
+    settled(store.add_scope(ScopeMapping("write", {"role": "writer"})))
+    settled(store.add_scope(ScopeMapping("same-level", {"level": 1})))
+    settled(store.add_mapping(ResourceMapping(
+        WORKLOAD.username, "ctx", scopes=("read", "write", "same-level"), audiences=("edc", "default-aud")
+    )))
+    return apps
+
+
+def exchange(apps: Apps, **fields: Any) -> Reply:
+    data: dict[str, Any] = {"grant_type": policy.GRANT_TYPE_TOKEN_EXCHANGE, "subject_token": "token-workload",
+                            "resource": "ctx"}
+    data.update(fields)
+    data = {k: v for k, v in data.items() if v is not None}
+    return call(apps.token, "POST", f"{URL}/token", data=data)
+
+
+def jwks_key(apps: Apps, token: str) -> Any:
+    document = call(apps.token, "GET", f"{URL}/.well-known/jwks.json").json()
+    kid = pyjwt.get_unverified_header(token)["kid"]
+    (entry,) = [k for k in document["keys"] if k["kid"] == kid]
+    return pyjwt.PyJWK.from_dict(entry)
+
+
+def assert_refused(reply: Reply, status: int, code: str) -> None:
+    assert (reply.code, reply.json()["error"]) == (status, code), reply.body
+    assert reply.header("Cache-Control") == "no-store"
+    assert reply.header("Pragma") == "no-cache"
+    assert reply.header("Content-Type") == "application/json"
+    assert set(reply.json()) == {"error", "error_description"}
+
+
+def test_edc_style_exchange_issues_a_token_that_verifies_from_the_jwks(apps: Apps) -> None:
+    reply = exchange(apps, scope="read read", audience="edc", client_id="edc")
+    assert reply.code == 200, reply.body
+    assert reply.header("Cache-Control") == "no-store"
+    assert reply.header("Pragma") == "no-cache"
+    body = reply.json()
+    assert set(body) == {"access_token", "issued_token_type", "token_type", "expires_in", "scope"}
+    assert body["issued_token_type"] == policy.TOKEN_TYPE_JWT
+    assert (body["token_type"], body["expires_in"], body["scope"]) == ("Bearer", 600, "read")
+    token = body["access_token"]
+    claims = pyjwt.decode(token, key=jwks_key(apps, token), algorithms=["EdDSA"], audience="edc",
+                          options={"verify_exp": False, "verify_iat": False, "verify_nbf": False})
+    now = int(apps.clock.seconds())
+    assert claims == {
+        "iss": "https://jwtlet.test", "sub": "ctx", "jwtlet_pc": "ctx", "aud": "edc",
+        "iat": now, "nbf": now, "exp": now + 600, "jti": claims["jti"],
+        "act": {"sub": WORKLOAD.username, "iss": WORKLOAD.issuer, "k8s_uid": WORKLOAD.uid},
+        "role": "reader", "level": 1,
+    }
+    header = pyjwt.get_unverified_header(token)
+    assert header["typ"] == "JWT" and header["alg"] == "EdDSA"
+
+
+def test_no_scope_and_no_audience_gives_the_default_audience_and_no_scope_member(apps: Apps) -> None:
+    reply = exchange(apps)
+    assert reply.code == 200
+    assert "scope" not in reply.json()
+    claims = pyjwt.decode(reply.json()["access_token"], options={"verify_signature": False})
+    assert claims["aud"] == "default-aud"
+    assert "role" not in claims
+
+
+def test_several_audiences_make_an_array(apps: Apps) -> None:
+    reply = exchange(apps, audience=["edc", "default-aud"])
+    claims = pyjwt.decode(reply.json()["access_token"], options={"verify_signature": False})
+    assert claims["aud"] == ["edc", "default-aud"]
+
+
+def test_each_jti_is_fresh(apps: Apps) -> None:
+    ids = {pyjwt.decode(exchange(apps).json()["access_token"], options={"verify_signature": False})["jti"]
+           for _ in range(5)}
+    assert len(ids) == 5
+
+
+def test_actor_token_becomes_the_current_actor(apps: Apps) -> None:
+    reply = exchange(apps, actor_token="token-admin", actor_token_type=policy.TOKEN_TYPE_JWT)
+    claims = pyjwt.decode(reply.json()["access_token"], options={"verify_signature": False})
+    assert claims["act"] == {
+        "sub": ADMIN.username, "iss": ADMIN.issuer, "k8s_uid": ADMIN.uid,
+        "act": {"sub": WORKLOAD.username, "iss": WORKLOAD.issuer, "k8s_uid": WORKLOAD.uid},
+    }
+    assert_refused(exchange(apps, actor_token="bogus", actor_token_type=policy.TOKEN_TYPE_JWT), 400,
+                   "invalid_grant")
+
+
+def test_the_decision_order_and_its_codes(apps: Apps) -> None:
+    rejected = exchange(apps, subject_token="forged")
+    assert_refused(rejected, 400, "invalid_grant")
+    assert rejected.json()["error_description"] == "subject token rejected"
+    apps.validator.add("token-stranger", service_account("ns", "stranger"), CLIENT_AUDIENCE)
+    assert_refused(exchange(apps, subject_token="token-stranger"), 403, "unauthorized_client")
+    assert_refused(exchange(apps, resource="other"), 403, "unauthorized_client")
+    assert_refused(exchange(apps, scope="read admin"), 403, "unauthorized_client")
+    assert_refused(exchange(apps, scope="read write"), 400, "invalid_scope")
+    assert exchange(apps, scope="read same-level").code == 200
+    assert_refused(exchange(apps, audience="elsewhere"), 403, "unauthorized_client")
+    apps.validator.add("token-wrong-aud", WORKLOAD, "another-audience")
+    assert_refused(exchange(apps, subject_token="token-wrong-aud"), 400, "invalid_grant")
+
+
+def test_a_validator_outage_is_503_with_retry_after_and_never_a_token(apps: Apps) -> None:
+    apps.validator.down = True
+    reply = exchange(apps)
+    assert_refused(reply, 503, "temporarily_unavailable")
+    assert reply.header("Retry-After") == "5"
+
+
+@pytest.mark.parametrize(
+    "fields, status, code",
+    [
+        ({"grant_type": "password"}, 400, "unsupported_grant_type"),
+        ({"subject_token": None}, 400, "invalid_request"),
+        ({"resource": None}, 400, "invalid_request"),
+        ({"resource": ["a", "b"]}, 400, "invalid_target"),
+        ({"scope": ["read", "write"]}, 400, "invalid_request"),
+        ({"subject_token_type": "urn:unknown"}, 400, "invalid_request"),
+        ({"subject_token_type": policy.TOKEN_TYPE_API_KEY}, 400, "invalid_request"),
+        ({"requested_token_type": "urn:ietf:params:oauth:token-type:saml1"}, 400, "invalid_request"),
+        ({"actor_token_type": policy.TOKEN_TYPE_JWT}, 400, "invalid_request"),
+    ],
+)
+def test_malformed_requests(apps: Apps, fields: dict[str, Any], status: int, code: str) -> None:
+    assert_refused(exchange(apps, **fields), status, code)
+
+
+def test_require_subject_token_type(tmp_path: Path) -> None:
+    apps = make_apps(tmp_path, {"token": {"require_subject_token_type": True}})
+    assert_refused(exchange(apps), 400, "invalid_request")
+
+
+def test_only_urlencoded_bodies_and_at_most_64_kib(apps: Apps) -> None:
+    as_json = call(apps.token, "POST", f"{URL}/token", json={"grant_type": policy.GRANT_TYPE_TOKEN_EXCHANGE})
+    assert_refused(as_json, 400, "invalid_request")
+    big = call(apps.token, "POST", f"{URL}/token", headers=FORM, data=b"a=" + b"x" * (64 * 1024))
+    assert big.code == 413
+    assert big.json() == {"error": "request_too_large"}
+    assert big.header("Cache-Control") == "no-store"
+    garbage = call(apps.token, "POST", f"{URL}/token", headers=FORM, data=b"\xff\xfe=\x00")
+    assert_refused(garbage, 400, "invalid_request")
+
+
+def test_unknown_paths_and_wrong_methods_are_json(apps: Apps) -> None:
+    missing = call(apps.token, "GET", f"{URL}/nowhere")
+    assert (missing.code, missing.json()) == (404, {"error": "not_found"})
+    wrong = call(apps.token, "GET", f"{URL}/token")
+    assert wrong.code == 405
+    assert wrong.header("Allow") == "POST"
+    assert wrong.header("Content-Type") == "application/json"
+
+
+def test_jwks_and_metadata_documents(apps: Apps) -> None:
+    jwks = call(apps.token, "GET", f"{URL}/.well-known/jwks.json")
+    assert jwks.header("Cache-Control") == "public, max-age=300"
+    assert jwks.header("Content-Type") == "application/json"
+    (key,) = jwks.json()["keys"]
+    assert (key["kty"], key["crv"], key["alg"], key["use"]) == ("OKP", "Ed25519", "EdDSA", "sig")
+    assert "d" not in key
+    expected = {
+        "issuer": "https://jwtlet.test",
+        "token_endpoint": "https://jwtlet.test/token",
+        "jwks_uri": "https://jwtlet.test/.well-known/jwks.json",
+        "grant_types_supported": [policy.GRANT_TYPE_TOKEN_EXCHANGE],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "response_types_supported": ["token"],
+        "id_token_signing_alg_values_supported": ["EdDSA"],
+    }
+    for path in ("/.well-known/oauth-authorization-server", "/.well-known/openid-configuration"):
+        assert call(apps.token, "GET", URL + path).json() == expected
+
+
+def test_health_and_readiness(apps: Apps) -> None:
+    health = call(apps.token, "GET", f"{URL}/health")
+    assert (health.code, health.body) == (200, b"OK")
+    assert health.header("Content-Type").startswith("text/plain")
+    ready = call(apps.token, "GET", f"{URL}/ready")
+    assert (ready.code, ready.json()) == (200, {"status": "ready"})
+
+
+def test_metrics_count_decisions(apps: Apps) -> None:
+    exchange(apps)
+    exchange(apps, subject_token="forged")
+    text = apps.metrics.exposition().decode()
+    assert 'jwtlet_exchanges_total{error="",outcome="issued"} 1.0' in text
+    assert 'jwtlet_exchanges_total{error="invalid_grant",outcome="refused"} 1.0' in text
