@@ -19,6 +19,7 @@ from jwtlet.logs import emit
 from jwtlet.metrics import Metrics
 from jwtlet.model import Identity, Resolution
 from jwtlet.policy import ExchangeError, IssueParameters, TokenRequest
+from jwtlet.ratelimit import RateLimiter
 
 log = Logger(namespace="jwtlet.exchange")
 
@@ -71,7 +72,12 @@ class TokenIssuer:
     reject_replays: bool
     clock: Any
     metrics: Metrics
+    limiter: RateLimiter
     make_token_id: Callable[[], str] = new_token_id
+
+    def limit(self, retry_after: Optional[int]) -> None:
+        if retry_after is not None:
+            raise policy.rate_limited(retry_after)
 
     async def validate(self, token: str, audience: Optional[str]) -> Identity:
         """Step 1, for subject and actor tokens alike."""
@@ -124,8 +130,10 @@ class TokenIssuer:
         started = self.clock.seconds()
         client: Optional[str] = None
         try:
+            self.limit(self.limiter.check_global())
             subject = await self.validate(request.subject_token, self.client_audience)
             client = subject.username
+            self.limit(self.limiter.check(client))
             actor = None
             if request.actor_token is not None:
                 actor = await self.validate(request.actor_token, self.client_audience)

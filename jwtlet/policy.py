@@ -64,6 +64,10 @@ def server_error() -> ExchangeError:
     return ExchangeError("server_error", "internal error", 500)
 
 
+def rate_limited(retry_after: int) -> ExchangeError:
+    return ExchangeError("rate_limited", "", 429, retry_after)
+
+
 # -- the request ----------------------------------------------------------------
 
 

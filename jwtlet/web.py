@@ -16,6 +16,8 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.internet.interfaces import IDelayedCall
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
@@ -204,18 +206,63 @@ def add_health_routes(app: Klein) -> None:
         )
 
 
-# -- a site that knows how many requests are in flight --------------------------
+# -- the HTTP server: request deadlines and draining ---------------------------
+
+REQUEST_DEADLINE_SECS = 30.0
+IDLE_TIMEOUT_SECS = 60.0
+_TOO_SLOW_BODY = b'{"error":"request_timeout"}'
+
+
+class DeadlineHTTPChannel(HTTPChannel):
+    """
+    An ``HTTPChannel`` that gives a client a fixed time to send a whole
+    request.  Twisted's idle timeout restarts with every byte, so a client
+    trickling one byte a second would otherwise hold its connection forever.
+    """
+
+    request_deadline = REQUEST_DEADLINE_SECS
+    _deadline: Optional[IDelayedCall] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None and not self._handlingRequest:
+            self._deadline = self.callLater(self.request_deadline, self._too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        log.info("request not received within {secs}s; closing", secs=self.request_deadline)
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_SLOW_BODY), _TOO_SLOW_BODY)
+        )
+        self.loseConnection()
 
 
 class DrainingSite(Site):
     """
     A ``Site`` that counts requests in flight so shutdown can wait for them
-    (listening stops first, then :meth:`drain` waits, bounded by its caller).
+    (listening stops first, then :meth:`drain` waits, bounded by its caller),
+    and that bounds how long a client may take to send a request.
     """
 
     displayTracebacks = False
+    protocol = DeadlineHTTPChannel
 
     def __init__(self, resource: Any, **kwargs: Any):
+        kwargs.setdefault("timeout", IDLE_TIMEOUT_SECS)
         super().__init__(resource, **kwargs)
         self.in_flight = 0
         self._idle: list[Deferred[None]] = []

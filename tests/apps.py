@@ -22,6 +22,7 @@ from jwtlet.issuer import Signing, TokenIssuer
 from jwtlet.management import ManagementAPI
 from jwtlet.metrics import Metrics
 from jwtlet.policy import IssueParameters, reserved_claims
+from jwtlet.ratelimit import RateLimiter
 from jwtlet.testing.fakes import StaticValidator, service_account
 from jwtlet.web import Readiness
 
@@ -92,6 +93,7 @@ def make_apps(tmp_path: Path, overrides: Optional[dict[str, Any]] = None) -> App
         reject_replays=config.token.reject_replayed_subject_tokens,
         clock=clock,
         metrics=metrics,
+        limiter=RateLimiter(clock, config.rate_limits.per_client_per_sec, config.rate_limits.global_per_sec),
     )
     token_api = TokenExchangeAPI(
         issuer=issuer,

@@ -214,3 +214,23 @@ def test_metrics_count_decisions(apps: Apps) -> None:
     text = apps.metrics.exposition().decode()
     assert 'jwtlet_exchanges_total{error="",outcome="issued"} 1.0' in text
     assert 'jwtlet_exchanges_total{error="invalid_grant",outcome="refused"} 1.0' in text
+
+
+def test_rate_limits_answer_429_with_retry_after(tmp_path: Path) -> None:
+    apps = make_apps(tmp_path, {"rate_limits": {"per_client_per_sec": 2}})
+    settled(apps.store().add_mapping(ResourceMapping(WORKLOAD.username, "ctx")))
+    assert [exchange(apps).code for _ in range(2)] == [200, 200]
+    limited = exchange(apps)
+    assert (limited.code, limited.json()) == (429, {"error": "rate_limited"})
+    assert limited.header("Retry-After") == "1"
+    apps.clock.advance(1)
+    assert exchange(apps).code == 200
+    assert exchange(apps, subject_token="forged").code == 400, "invalid tokens are not counted per client"
+
+
+def test_global_rate_limit_sheds_before_validation(tmp_path: Path) -> None:
+    apps = make_apps(tmp_path, {"rate_limits": {"global_per_sec": 1}})
+    exchange(apps, subject_token="forged")
+    calls = apps.validator.calls
+    assert exchange(apps).code == 429
+    assert apps.validator.calls == calls, "no validation work once over the global limit"
