@@ -33,6 +33,7 @@ from jwtlet.management import ManagementAPI
 from jwtlet.metrics import Metrics
 from jwtlet.model import ResourceMapping, ScopeMapping
 from jwtlet.policy import IssueParameters, reserved_claims
+from jwtlet.ratelimit import RateLimiter
 from jwtlet.web import DrainingSite, Readiness
 
 log = Logger(namespace="jwtlet.daemon")
@@ -253,6 +254,9 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
         reject_replays=config.token.reject_replayed_subject_tokens,
         clock=reactor,
         metrics=metrics,
+        limiter=RateLimiter(
+            reactor, config.rate_limits.per_client_per_sec, config.rate_limits.global_per_sec
+        ),
     )
     token_api = TokenExchangeAPI(
         issuer=issuer,

@@ -43,6 +43,8 @@ def parse_form(body: bytes) -> dict[str, list[str]]:
 
 
 def error_body(error: ExchangeError) -> dict[str, str]:
+    if not error.description:
+        return {"error": error.code}
     return {"error": error.code, "error_description": error.description}
 
 

@@ -51,7 +51,7 @@ class RateLimiter:
     global_per_sec: Optional[float] = None
     max_keys: int = MAX_TRACKED_KEYS
     _global: Optional[TokenBucket] = attrs.field(default=None, init=False)
-    _keys: "OrderedDict[str, TokenBucket]" = attrs.field(factory=OrderedDict, init=False)
+    _keys: OrderedDict[str, TokenBucket] = attrs.field(factory=OrderedDict, init=False)
 
     def check_global(self) -> Optional[int]:
         if self.global_per_sec is None:

@@ -13,11 +13,11 @@ from urllib.parse import unquote
 import attrs
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
-from twisted.internet.interfaces import IDelayedCall
 from twisted.web.http import HTTPChannel
+from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
