@@ -127,16 +127,32 @@ class TokenIssuer:
             raise policy.invalid_grant()
 
     async def exchange(self, request: TokenRequest) -> IssuedToken:
+        """The whole RFC 8693 decision for a request from ``POST /token``."""
         started = self.clock.seconds()
-        client: Optional[str] = None
         try:
             self.limit(self.limiter.check_global())
             subject = await self.validate(request.subject_token, self.client_audience)
-            client = subject.username
-            self.limit(self.limiter.check(client))
             actor = None
             if request.actor_token is not None:
                 actor = await self.validate(request.actor_token, self.client_audience)
+        except ExchangeError as refusal:
+            self.refused(None, request, refusal)
+            raise
+        try:
+            return await self.issue_for(subject, request, actor)
+        finally:
+            self.metrics.exchange_duration.observe(max(0.0, self.clock.seconds() - started))
+
+    async def issue_for(
+        self, subject: Identity, request: TokenRequest, actor: Optional[Identity] = None
+    ) -> IssuedToken:
+        """
+        Steps 2 to 5 for an identity already validated (by ``/token`` or by the
+        ext_authz front, which has its own validator).
+        """
+        client = subject.username
+        try:
+            self.limit(self.limiter.check(client))
             resolution = await self.resolve(client, request)
             policy.check_scopes_allowed(resolution.mapping, request.scopes)
             reserved = policy.reserved_claims(self.parameters.participant_context_claim)
@@ -157,15 +173,8 @@ class TokenIssuer:
             )
             token = await self.signing.sign(claims)
         except ExchangeError as refusal:
-            self.metrics.exchanges.labels("refused", refusal.code).inc()
-            emit(
-                log, "token.refused", LogLevel.info,
-                client=client, resource=request.resource, scopes=list(request.scopes),
-                audience=list(request.audiences), error=refusal.code,
-            )
+            self.refused(client, request, refusal)
             raise
-        finally:
-            self.metrics.exchange_duration.observe(max(0.0, self.clock.seconds() - started))
         self.metrics.exchanges.labels("issued", "").inc()
         emit(
             log, "token.issued", LogLevel.info,
@@ -177,4 +186,12 @@ class TokenIssuer:
             expires_in=self.parameters.ttl_secs,
             scope=policy.granted_scope(request.scopes),
             token_id=token_id,
+        )
+
+    def refused(self, client: Optional[str], request: TokenRequest, refusal: ExchangeError) -> None:
+        self.metrics.exchanges.labels("refused", refusal.code).inc()
+        emit(
+            log, "token.refused", LogLevel.info,
+            client=client, resource=request.resource, scopes=list(request.scopes),
+            audience=list(request.audiences), error=refusal.code,
         )
