@@ -395,10 +395,6 @@ class ManagementAPI:
 
     # -- the rest ---------------------------------------------------------------
 
-    @app.route(f"{PREFIX}/<path:_rest>", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
-    def unknown(self, request: IRequest, _rest: str) -> bytes:
-        raise not_found()
-
     @app.route("/metrics", methods=["GET"])
     def prometheus(self, request: IRequest) -> bytes:
         if not self.metrics_enabled:

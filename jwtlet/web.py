@@ -244,6 +244,7 @@ class DeadlineHTTPChannel(HTTPChannel):
     def _too_slow(self) -> None:
         self._deadline = None
         log.info("request not received within {secs}s; closing", secs=self.request_deadline)
+        assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_SLOW_BODY), _TOO_SLOW_BODY)
@@ -259,7 +260,8 @@ class DrainingSite(Site):
     """
 
     displayTracebacks = False
-    protocol = DeadlineHTTPChannel
+    # A plain HTTP/1.1 channel instead of Twisted's HTTP/2-negotiating wrapper.
+    protocol = DeadlineHTTPChannel  # type: ignore[assignment]
 
     def __init__(self, resource: Any, **kwargs: Any):
         kwargs.setdefault("timeout", IDLE_TIMEOUT_SECS)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from jwtlet.plugins.local_key import local_key
 
 from jwtlet import keys
 from jwtlet.interfaces import PluginConfigError
+from jwtlet.plugins.local_key import local_key
 from jwtlet.testing.signer_conformance import assert_signer_conforms
 
 

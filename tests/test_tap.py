@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin
 
+import jwtlet.plugins
 import jwtlet.tap
 from jwtlet import config as configuration
 from jwtlet import daemon, keys
@@ -42,12 +43,15 @@ STATIC_VALIDATOR_PLUGIN = textwrap.dedent(
 
 
 @pytest.fixture
-def plugin_dir(tmp_path: Path) -> Path:
+def plugin_dir(tmp_path: Path) -> Iterator[Path]:
     directory = tmp_path / "plugins"
     directory.mkdir()
     (directory / "static_test_validator.py").write_text(STATIC_VALIDATOR_PLUGIN)
     (directory / "broken_plugin.py").write_text("import no_such_module_anywhere\n")
-    return directory
+    yield directory
+    # plugin_dirs extend the process-wide package path; later tests must not see these.
+    path = jwtlet.plugins.__path__
+    path[:] = [entry for entry in path if entry != str(directory.resolve())]
 
 
 def write_config(tmp_path: Path, plugin_dir: Path, **extra: Any) -> Path:
