@@ -5,12 +5,14 @@ metadata documents.  Handlers parse and render; the decision is the issuer's.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 from urllib.parse import parse_qs
 
 import attrs
 from klein import Klein
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import NotFound
 
 from jwtlet import policy
 from jwtlet._async import as_deferred
@@ -79,6 +81,7 @@ class TokenExchangeAPI:
     issuer_url: str
     require_subject_token_type: bool
     readiness: Readiness
+    ext_authz: Optional[IResource] = None
 
     @app.handle_errors(ExchangeError)
     def exchange_error(self, request: IRequest, failure: Any) -> bytes:
@@ -120,6 +123,13 @@ class TokenExchangeAPI:
     @app.route("/.well-known/openid-configuration", methods=["GET"])
     def openid_configuration(self, request: IRequest) -> bytes:
         return json_response(request, metadata(self.issuer_url, self.signer.algorithm))
+
+    @app.route("/ext_authz/", branch=True)
+    def ext_authz_http(self, request: IRequest) -> IResource:
+        """Envoy's HTTP-mode checks, served by the ext_authz front when it is on."""
+        if self.ext_authz is None:
+            raise NotFound()
+        return self.ext_authz
 
     add_health_routes(app)
     add_error_handlers(app)
