@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import attrs
 from twisted.application import strports
@@ -212,6 +212,67 @@ def signer_section(config: Config) -> configuration.PluginSection:
     return config.signer
 
 
+@attrs.define
+class APIs:
+    """The two Klein apps and the issuer behind the token port."""
+
+    issuer: TokenIssuer
+    token_api: TokenExchangeAPI
+    management_api: ManagementAPI
+
+
+def build_apis(
+    config: Config,
+    providers: Providers,
+    clock: Any,
+    metrics: Metrics,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> APIs:
+    """Both Klein apps over already built providers (the tests build them this way too)."""
+    readiness = Readiness(
+        {"store": providers.store, "signer": providers.signer, "validator": providers.validator}
+    )
+    parameters = IssueParameters(
+        issuer=config.issuer,
+        participant_context_claim=config.token.participant_context_claim,
+        ttl_secs=config.token.token_ttl_secs,
+    )
+    issuer = TokenIssuer(
+        validator=providers.validator,
+        store=providers.store,
+        signing=Signing(providers.signer, clock, metrics),
+        parameters=parameters,
+        client_audience=config.token.client_audience,
+        default_audience=config.token.audience,
+        reject_replays=config.token.reject_replayed_subject_tokens,
+        clock=clock,
+        metrics=metrics,
+        limiter=RateLimiter(
+            clock, config.rate_limits.per_client_per_sec, config.rate_limits.global_per_sec
+        ),
+    )
+    token_api = TokenExchangeAPI(
+        issuer=issuer,
+        signer=providers.signer,
+        issuer_url=config.issuer,
+        require_subject_token_type=config.token.require_subject_token_type,
+        readiness=readiness,
+    )
+    management_api = ManagementAPI(
+        store=providers.store,
+        validator=providers.validator,
+        audience=config.management_client_audience,
+        roles=config.service_accounts,
+        reserved_claims=reserved_claims(config.token.participant_context_claim),
+        api_key_prefix=config.api_keys.prefix if config.api_keys else "jwtk",
+        metrics=metrics,
+        metrics_enabled=config.metrics.enabled,
+        readiness=readiness,
+        random_bytes=random_bytes,
+    )
+    return APIs(issuer=issuer, token_api=token_api, management_api=management_api)
+
+
 def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiService:
     """The whole daemon as one service; raises :class:`ConfigError`."""
     problems = check_endpoints(config, reactor)
@@ -236,46 +297,8 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
     if hook is not None:
         providers.validator.on_jwks_refresh = lambda outcome: metrics.jwks_refresh.labels(outcome).inc()
 
-    readiness = Readiness(
-        {"store": providers.store, "signer": providers.signer, "validator": providers.validator}
-    )
-    parameters = IssueParameters(
-        issuer=config.issuer,
-        participant_context_claim=config.token.participant_context_claim,
-        ttl_secs=config.token.token_ttl_secs,
-    )
-    issuer = TokenIssuer(
-        validator=providers.validator,
-        store=providers.store,
-        signing=Signing(providers.signer, reactor, metrics),
-        parameters=parameters,
-        client_audience=config.token.client_audience,
-        default_audience=config.token.audience,
-        reject_replays=config.token.reject_replayed_subject_tokens,
-        clock=reactor,
-        metrics=metrics,
-        limiter=RateLimiter(
-            reactor, config.rate_limits.per_client_per_sec, config.rate_limits.global_per_sec
-        ),
-    )
-    token_api = TokenExchangeAPI(
-        issuer=issuer,
-        signer=providers.signer,
-        issuer_url=config.issuer,
-        require_subject_token_type=config.token.require_subject_token_type,
-        readiness=readiness,
-    )
-    management_api = ManagementAPI(
-        store=providers.store,
-        validator=providers.validator,
-        audience=config.management_client_audience,
-        roles=config.service_accounts,
-        reserved_claims=reserved_claims(config.token.participant_context_claim),
-        api_key_prefix=config.api_keys.prefix if config.api_keys else "jwtk",
-        metrics=metrics,
-        metrics_enabled=config.metrics.enabled,
-        readiness=readiness,
-    )
+    apis = build_apis(config, providers, reactor, metrics)
+    token_api, management_api = apis.token_api, apis.management_api
     sites = [
         DrainingSite(token_api.app.resource()),
         DrainingSite(management_api.app.resource()),

@@ -14,17 +14,13 @@ from twisted.internet.task import Clock
 
 from jwtlet import config as configuration
 from jwtlet import keys
-from jwtlet.daemon import Providers
+from jwtlet.daemon import Providers, build_apis
 from jwtlet.discovery import build, discover
 from jwtlet.exchange import TokenExchangeAPI
 from jwtlet.interfaces import PluginContext
-from jwtlet.issuer import Signing, TokenIssuer
 from jwtlet.management import ManagementAPI
 from jwtlet.metrics import Metrics
-from jwtlet.policy import IssueParameters, reserved_claims
-from jwtlet.ratelimit import RateLimiter
 from jwtlet.testing.fakes import StaticValidator, service_account
-from jwtlet.web import Readiness
 
 CLIENT_AUDIENCE = "https://kubernetes.test"
 ADMIN = service_account("platform", "admin")
@@ -81,39 +77,8 @@ def make_apps(tmp_path: Path, overrides: Optional[dict[str, Any]] = None) -> App
     for identity in (ADMIN, READER, WRITER, WORKLOAD):
         validator.add(f"token-{identity.name}", identity, CLIENT_AUDIENCE)
     metrics = Metrics()
-    readiness = Readiness({"store": providers.store, "signer": providers.signer, "validator": validator})
-    issuer = TokenIssuer(
-        validator=validator,
-        store=providers.store,
-        signing=Signing(providers.signer, clock, metrics),
-        parameters=IssueParameters(config.issuer, config.token.participant_context_claim,
-                                   config.token.token_ttl_secs),
-        client_audience=config.token.client_audience,
-        default_audience=config.token.audience,
-        reject_replays=config.token.reject_replayed_subject_tokens,
-        clock=clock,
-        metrics=metrics,
-        limiter=RateLimiter(clock, config.rate_limits.per_client_per_sec, config.rate_limits.global_per_sec),
-    )
-    token_api = TokenExchangeAPI(
-        issuer=issuer,
-        signer=providers.signer,
-        issuer_url=config.issuer,
-        require_subject_token_type=config.token.require_subject_token_type,
-        readiness=readiness,
-    )
-    management_api = ManagementAPI(
-        store=providers.store,
-        validator=validator,
-        audience=config.management_client_audience,
-        roles=config.service_accounts,
-        reserved_claims=reserved_claims(config.token.participant_context_claim),
-        api_key_prefix="jwtk",
-        metrics=metrics,
-        metrics_enabled=config.metrics.enabled,
-        readiness=readiness,
-        random_bytes=lambda n: bytes(range(n)),
-    )
+    apis = build_apis(config, providers, clock, metrics, random_bytes=lambda n: bytes(range(n)))
+    token_api, management_api = apis.token_api, apis.management_api
     return Apps(
         clock=clock,
         validator=validator,
