@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 import jwt as pyjwt
 import pytest
 from apps import ADMIN, CLIENT_AUDIENCE, WORKLOAD, Apps, Reply, call, make_apps
@@ -234,3 +235,14 @@ def test_global_rate_limit_sheds_before_validation(tmp_path: Path) -> None:
     calls = apps.validator.calls
     assert exchange(apps).code == 429
     assert apps.validator.calls == calls, "no validation work once over the global limit"
+
+
+def test_replayed_subject_tokens_are_refused_when_configured(tmp_path: Path) -> None:
+    apps = make_apps(tmp_path, {"token": {"reject_replayed_subject_tokens": True}})
+    settled(apps.store().add_mapping(ResourceMapping(WORKLOAD.username, "ctx")))
+    once = attrs.evolve(WORKLOAD, token_id="jti-1", expires_at=apps.clock.seconds() + 60)
+    apps.validator.add("token-once", once, CLIENT_AUDIENCE)
+    assert exchange(apps, subject_token="token-once").code == 200
+    assert_refused(exchange(apps, subject_token="token-once"), 400, "invalid_grant")
+    assert exchange(apps).code == 200, "tokens without a jti are not subject to replay detection"
+    assert exchange(apps).code == 200
