@@ -1,0 +1,83 @@
+"""
+Who a Kubernetes service-account token names, from its claims alone: the
+``kubernetes.io`` claim of projected tokens, the flat claims of legacy secret
+tokens, or a strict ``system:serviceaccount:<ns>:<name>`` subject.  Pure.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Optional
+
+import attrs
+
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
+# DNS-1123 labels (namespaces) and subdomains (service-account names).
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_LEGACY = "kubernetes.io/serviceaccount/"
+
+
+@attrs.frozen
+class ServiceAccount:
+    namespace: str
+    name: str
+    uid: Optional[str] = None
+
+    @property
+    def username(self) -> str:
+        return f"{SERVICE_ACCOUNT_PREFIX}{self.namespace}:{self.name}"
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return ("system:serviceaccounts", f"system:serviceaccounts:{self.namespace}", "system:authenticated")
+
+
+def valid_namespace(value: Any) -> bool:
+    return isinstance(value, str) and _NAMESPACE.fullmatch(value) is not None
+
+
+def valid_name(value: Any) -> bool:
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
+def from_username(username: Any) -> Optional[ServiceAccount]:
+    """``system:serviceaccount:<ns>:<name>`` strictly, else ``None``."""
+    if not isinstance(username, str) or not username.startswith(SERVICE_ACCOUNT_PREFIX):
+        return None
+    parts = username[len(SERVICE_ACCOUNT_PREFIX):].split(":")
+    if len(parts) != 2 or not valid_namespace(parts[0]) or not valid_name(parts[1]):
+        return None
+    return ServiceAccount(parts[0], parts[1])
+
+
+def _uid(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) and value else None
+
+
+def from_claims(claims: Mapping[str, Any]) -> Optional[ServiceAccount]:
+    """The service account of a verified token's claims, or ``None``."""
+    subject = from_username(claims.get("sub"))
+    nested = claims.get("kubernetes.io")
+    if isinstance(nested, Mapping):
+        account = nested.get("serviceaccount")
+        namespace = nested.get("namespace")
+        if not isinstance(account, Mapping) or not valid_namespace(namespace) or not valid_name(account.get("name")):
+            return None
+        found = ServiceAccount(str(namespace), str(account["name"]), _uid(account.get("uid")))
+    elif isinstance(claims.get(_LEGACY + "namespace"), str):
+        namespace = claims[_LEGACY + "namespace"]
+        name = claims.get(_LEGACY + "service-account.name")
+        if not valid_namespace(namespace) or not valid_name(name):
+            return None
+        found = ServiceAccount(namespace, str(name), _uid(claims.get(_LEGACY + "service-account.uid")))
+    elif subject is not None:
+        return subject
+    else:
+        return None
+    # When both say who it is, they must agree.
+    if subject is not None and (subject.namespace, subject.name) != (found.namespace, found.name):
+        return None
+    if claims.get("sub") is not None and subject is None:
+        return None
+    return found

@@ -1,0 +1,447 @@
+"""
+The ``kubernetes-oidc`` validator: service-account tokens checked against the
+JWKS of configured issuers, with no API-server call per token.
+
+A token's ``iss`` only selects one of the configured issuers; it never causes
+a fetch from anywhere else.  Keys come from a static JWKS file, a configured
+``jwks_uri``, or the ``jwks_uri`` of the issuer's discovery document.
+Algorithms are pinned by key type; ``none`` and HMAC are never accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+from urllib.parse import urlsplit
+
+import attrs
+from jwcrypto.common import JWException
+from jwcrypto.jwk import JWK
+from jwcrypto.jws import JWS
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from jwtlet import k8s_identity
+from jwtlet.httpclient import build_http_client
+from jwtlet.interfaces import (
+    DependencyUnavailable,
+    IReadiness,
+    IValidator,
+    IValidatorFactory,
+    PluginConfigError,
+    PluginContext,
+    TokenRejected,
+)
+from jwtlet.model import Identity
+from jwtlet.tokenfile import TokenFile
+
+log = Logger(namespace="jwtlet.validator.oidc")
+
+MAX_TOKEN_BYTES = 16 * 1024
+UNKNOWN_KID_REFETCH_SECS = 10.0
+BACKOFF_FIRST_SECS = 1.0
+BACKOFF_MAX_SECS = 30.0
+FETCH_TIMEOUT_SECS = 5.0
+
+_RSA = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "EdDSA", "Ed448": "EdDSA"}
+
+
+def algorithms_for(key: Mapping[str, Any]) -> frozenset[str]:
+    """The JWS algorithms a JWK may verify, by its type (and curve)."""
+    kty = key.get("kty")
+    if kty == "RSA":
+        return _RSA
+    if kty in ("EC", "OKP") and key.get("crv") in _BY_CURVE:
+        return frozenset({_BY_CURVE[key["crv"]]})
+    return frozenset()
+
+
+@attrs.frozen
+class KeySet:
+    """Usable keys of one JWKS document by ``kid`` (``None`` for a key without one)."""
+
+    keys: Mapping[Optional[str], tuple[JWK, frozenset[str]]]
+
+    @classmethod
+    def parse(cls, document: Any) -> KeySet:
+        if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
+            raise ValueError("not a JWKS document")
+        keys: dict[Optional[str], tuple[JWK, frozenset[str]]] = {}
+        for entry in document["keys"]:
+            if not isinstance(entry, Mapping) or entry.get("use", "sig") != "sig":
+                continue
+            algorithms = algorithms_for(entry)
+            if not algorithms:
+                continue
+            try:
+                key = JWK(**{k: v for k, v in entry.items() if k in _PUBLIC_MEMBERS})
+            except (JWException, ValueError, TypeError):
+                continue
+            if key.has_private:
+                continue
+            keys[entry.get("kid")] = (key, algorithms)
+        return cls(keys)
+
+    def find(self, kid: Optional[str]) -> Optional[tuple[JWK, frozenset[str]]]:
+        if kid is None:
+            # Without a kid a token is only acceptable where there is no choice.
+            return next(iter(self.keys.values())) if len(self.keys) == 1 else None
+        return self.keys.get(kid)
+
+
+_PUBLIC_MEMBERS = frozenset({"kty", "kid", "use", "alg", "n", "e", "crv", "x", "y"})
+
+
+@attrs.define
+class StaticKeys:
+    """A JWKS file, re-read when it changes (the ``--dev`` issuer writes one)."""
+
+    path: Path
+    _keys: Optional[KeySet] = None
+    _signature: Optional[tuple[int, int]] = None
+
+    async def current(self, now: float) -> KeySet:
+        try:
+            stat = self.path.stat()
+            signature = (stat.st_mtime_ns, stat.st_size)
+            if self._keys is None or signature != self._signature:
+                self._keys = KeySet.parse(json.loads(self.path.read_text(encoding="utf-8")))
+                self._signature = signature
+        except (OSError, ValueError) as error:
+            raise DependencyUnavailable(f"JWKS file {self.path}: {error}") from None
+        return self._keys
+
+    async def refetch(self, now: float) -> Optional[KeySet]:
+        return await self.current(now)
+
+
+@attrs.define
+class RemoteKeys:
+    """
+    A JWKS fetched over HTTP(S): cached for ``ttl``, refetched at most once per
+    10 s for an unknown ``kid``, served stale up to ``2 × ttl`` while fetches
+    fail (retried with backoff 1 s doubling to 30 s).
+    """
+
+    issuer: str
+    jwks_uri: Optional[str]
+    http_client: Any
+    reactor: Any
+    ttl: float
+    bearer: Optional[TokenFile] = None
+    on_refresh: Callable[[str], None] = lambda outcome: None
+    _keys: Optional[KeySet] = None
+    _fetched_at: float = -1e18
+    _attempted_at: float = -1e18
+    _failures: int = 0
+    _next_attempt: float = -1e18
+    _waiters: Optional[list[Deferred[KeySet]]] = None
+
+    async def current(self, now: float) -> KeySet:
+        if self._keys is not None and now < self._fetched_at + self.ttl:
+            return self._keys
+        return await self._fetch_or_stale(now)
+
+    async def refetch(self, now: float) -> Optional[KeySet]:
+        """For an unknown kid: fetch again unless that was done in the last 10 s."""
+        if now < self._attempted_at + UNKNOWN_KID_REFETCH_SECS:
+            return None
+        return await self._fetch_or_stale(now)
+
+    async def _fetch_or_stale(self, now: float) -> KeySet:
+        if now >= self._next_attempt:
+            try:
+                return await self._fetch_once(now)
+            except DependencyUnavailable:
+                pass
+        if self._keys is not None and now < self._fetched_at + 2 * self.ttl:
+            return self._keys
+        raise DependencyUnavailable(f"no usable JWKS for {self.issuer}")
+
+    async def _fetch_once(self, now: float) -> KeySet:
+        # Concurrent callers wait for the one fetch under way.
+        if self._waiters is not None:
+            waiter: Deferred[KeySet] = Deferred()
+            self._waiters.append(waiter)
+            return await waiter
+        self._waiters = []
+        self._attempted_at = now
+        try:
+            keys = await self._fetch()
+        except DependencyUnavailable as error:
+            waiters, self._waiters = self._waiters, None
+            for waiting in waiters:
+                waiting.errback(DependencyUnavailable(str(error)))
+            raise
+        waiters, self._waiters = self._waiters, None
+        for waiting in waiters:
+            waiting.callback(keys)
+        return keys
+
+    async def _fetch(self) -> KeySet:
+        try:
+            uri = self.jwks_uri or await self._discover()
+            keys = KeySet.parse(await self._get_json(uri))
+        except (DependencyUnavailable, ValueError) as error:
+            self._failures += 1
+            delay = min(BACKOFF_MAX_SECS, BACKOFF_FIRST_SECS * 2 ** (self._failures - 1))
+            self._next_attempt = self.reactor.seconds() + delay
+            self.on_refresh("failure")
+            log.warn("JWKS fetch for {issuer} failed ({reason}); next try in {delay}s",
+                     issuer=self.issuer, reason=str(error), delay=delay)
+            raise DependencyUnavailable(f"JWKS of {self.issuer}: {error}") from None
+        self._keys = keys
+        self._fetched_at = self.reactor.seconds()
+        self._failures = 0
+        self._next_attempt = -1e18
+        self.on_refresh("success")
+        return keys
+
+    async def _discover(self) -> str:
+        document = await self._get_json(f"{self.issuer.rstrip('/')}/.well-known/openid-configuration")
+        uri = document.get("jwks_uri") if isinstance(document, Mapping) else None
+        if not isinstance(uri, str) or urlsplit(uri).scheme not in ("https", "http"):
+            raise ValueError("the discovery document has no jwks_uri")
+        return uri
+
+    async def _get_json(self, url: str) -> Any:
+        headers = {"Accept": ["application/json, application/jwk-set+json"]}
+        if self.bearer is not None:
+            try:
+                headers["Authorization"] = [f"Bearer {self.bearer.read()}"]
+            except (OSError, ValueError) as error:
+                raise DependencyUnavailable(f"bearer token file: {error}") from None
+        try:
+            response = await self.http_client.get(
+                url, headers=headers, timeout=FETCH_TIMEOUT_SECS, reactor=self.reactor
+            )
+            body = await response.content()
+        except CancelledError:
+            raise DependencyUnavailable(f"{url}: timed out") from None
+        except Exception as error:
+            raise DependencyUnavailable(f"{url}: {type(error).__name__}") from None
+        if response.code != 200:
+            raise DependencyUnavailable(f"{url}: HTTP {response.code}")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise ValueError(f"{url}: not JSON") from None
+
+
+@attrs.frozen
+class Issuer:
+    issuer: str
+    keys: Any
+
+
+def _unverified(token: str) -> tuple[JWS, Mapping[str, Any], Mapping[str, Any]]:
+    if len(token) > MAX_TOKEN_BYTES:
+        raise TokenRejected("token too large")
+    if token.count(".") != 2:
+        raise TokenRejected("not a compact JWS")
+    signed = JWS()
+    try:
+        signed.deserialize(token)
+        header = signed.jose_header
+        claims = json.loads(signed.objects["payload"])
+    except (JWException, ValueError, KeyError, TypeError) as error:
+        raise TokenRejected(f"malformed token ({type(error).__name__})") from None
+    if not isinstance(header, Mapping) or not isinstance(claims, Mapping):
+        raise TokenRejected("malformed token")
+    return signed, header, claims
+
+
+def _number(claims: Mapping[str, Any], name: str) -> Optional[float]:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < 1e13:
+        raise TokenRejected(f"'{name}' is not a NumericDate")
+    return float(value)
+
+
+def check_claims(claims: Mapping[str, Any], audience: Optional[str], now: float, leeway: float) -> None:
+    """Registered claims against an injected clock (jwcrypto would read the wall clock)."""
+    expires = _number(claims, "exp")
+    if expires is None:
+        raise TokenRejected("no 'exp'")
+    if now > expires + leeway:
+        raise TokenRejected("expired")
+    not_before = _number(claims, "nbf")
+    if not_before is not None and now + leeway < not_before:
+        raise TokenRejected("not yet valid")
+    issued = _number(claims, "iat")
+    if issued is not None and now + leeway < issued:
+        raise TokenRejected("issued in the future")
+    if audience is not None:
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if audience not in audiences:
+            raise TokenRejected("audience not accepted")
+
+
+@implementer(IValidator, IReadiness)
+@attrs.define
+class OIDCValidator:
+    issuers: Mapping[str, Issuer]
+    reactor: Any
+    leeway: float
+    on_jwks_refresh: Callable[[str], None] = lambda outcome: None
+
+    def __attrs_post_init__(self) -> None:
+        for issuer in self.issuers.values():
+            if isinstance(issuer.keys, RemoteKeys):
+                issuer.keys.on_refresh = lambda outcome: self.on_jwks_refresh(outcome)
+
+    def validate(self, token: str, audience: Optional[str]) -> Deferred[Identity]:
+        return ensureDeferred(self._validate(token, audience))
+
+    async def _validate(self, token: str, audience: Optional[str]) -> Identity:
+        signed, header, claims = _unverified(token)
+        named = claims.get("iss")
+        issuer = self.issuers.get(named) if isinstance(named, str) else None
+        if issuer is None:
+            raise TokenRejected("issuer not trusted")
+        algorithm = header.get("alg")
+        kid = header.get("kid")
+        if not isinstance(algorithm, str) or (kid is not None and not isinstance(kid, str)):
+            raise TokenRejected("malformed header")
+        now = self.reactor.seconds()
+        keys = await issuer.keys.current(now)
+        found = keys.find(kid)
+        if found is None and kid is not None:
+            refreshed = await issuer.keys.refetch(now)
+            found = refreshed.find(kid) if refreshed is not None else None
+        if found is None:
+            raise TokenRejected("no key for this token")
+        key, algorithms = found
+        if algorithm not in algorithms:
+            raise TokenRejected(f"algorithm {algorithm!r} not allowed for this key")
+        try:
+            signed.verify(key, alg=algorithm)
+        except JWException:
+            raise TokenRejected("bad signature") from None
+        check_claims(claims, audience, now, self.leeway)
+        account = k8s_identity.from_claims(claims)
+        if account is None:
+            raise TokenRejected("not a service account token")
+        expires = _number(claims, "exp")
+        token_id = claims.get("jti") if isinstance(claims.get("jti"), str) else None
+        return Identity(
+            username=account.username,
+            issuer=issuer.issuer,
+            uid=account.uid,
+            namespace=account.namespace,
+            name=account.name,
+            groups=account.groups,
+            expires_at=expires,
+            token_id=token_id,
+        )
+
+    def check_ready(self) -> Deferred[None]:
+        return ensureDeferred(self._check_ready())
+
+    async def _check_ready(self) -> None:
+        """Ready while every issuer has keys it may use (fetching them if need be)."""
+        now = self.reactor.seconds()
+        broken = []
+        for name, issuer in self.issuers.items():
+            try:
+                await issuer.keys.current(now)
+            except DependencyUnavailable:
+                broken.append(name)
+        if broken:
+            raise DependencyUnavailable(f"no usable JWKS for {', '.join(broken)}")
+
+
+# -- options ------------------------------------------------------------------
+
+_ISSUER_KEYS = frozenset({"issuer", "jwks_uri", "jwks_file", "bearer_token_file", "ca_file"})
+_TOP_KEYS = frozenset({"issuers", "jwks_cache_ttl_secs", "leeway_secs", "api_server_url", "token_file", "ca_file"})
+
+
+def _url(value: Any, path: str, problems: list[str]) -> Optional[str]:
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("https", "http") or not urlsplit(value).netloc:
+        problems.append(f"{path}: must be an absolute URL")
+        return None
+    return value
+
+
+@implementer(IPlugin, IValidatorFactory)
+@attrs.frozen
+class OIDCValidatorFactory:
+    name: str = "kubernetes-oidc"
+    description: str = "validates service-account tokens with the JWKS of configured issuers"
+
+    def build(self, options: Mapping[str, Any], context: PluginContext) -> OIDCValidator:
+        problems = [f"{key}: unknown key" for key in options if key not in _TOP_KEYS]
+        ttl = options.get("jwks_cache_ttl_secs", 3600)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
+            problems.append("jwks_cache_ttl_secs: must be a positive number")
+            ttl = 3600
+        leeway = options.get("leeway_secs", 30)
+        if isinstance(leeway, bool) or not isinstance(leeway, (int, float)) or not 0 <= leeway <= 300:
+            problems.append("leeway_secs: must be between 0 and 300")
+            leeway = 30
+        entries = options.get("issuers")
+        if not isinstance(entries, list) or not entries:
+            problems.append("issuers: must list at least one issuer")
+            entries = []
+        issuers: dict[str, Issuer] = {}
+        default_ca = getattr(getattr(context.config, "k8s", None), "ca_file", None)
+        for index, entry in enumerate(entries):
+            path = f"issuers[{index}]"
+            if not isinstance(entry, Mapping):
+                problems.append(f"{path}: must be a table")
+                continue
+            problems.extend(f"{path}.{key}: unknown key" for key in entry if key not in _ISSUER_KEYS)
+            name = _url(entry.get("issuer"), f"{path}.issuer", problems)
+            if name is None:
+                continue
+            if name in issuers:
+                problems.append(f"{path}.issuer: listed twice")
+                continue
+            jwks_file = entry.get("jwks_file")
+            jwks_uri = entry.get("jwks_uri")
+            if jwks_file is not None and jwks_uri is not None:
+                problems.append(f"{path}: give jwks_file or jwks_uri, not both")
+                continue
+            if jwks_file is not None:
+                if not isinstance(jwks_file, str) or not jwks_file:
+                    problems.append(f"{path}.jwks_file: must be a path")
+                    continue
+                issuers[name] = Issuer(name, StaticKeys(Path(jwks_file)))
+                continue
+            if jwks_uri is not None and _url(jwks_uri, f"{path}.jwks_uri", problems) is None:
+                continue
+            bearer_file = entry.get("bearer_token_file")
+            if bearer_file is not None and (not isinstance(bearer_file, str) or not bearer_file):
+                problems.append(f"{path}.bearer_token_file: must be a path")
+                continue
+            ca_file = entry.get("ca_file", default_ca)
+            client = (
+                build_http_client(context.reactor, ca_file=ca_file)
+                if entry.get("ca_file") is not None or context.http_client is None
+                else context.http_client
+            )
+            issuers[name] = Issuer(
+                name,
+                RemoteKeys(
+                    issuer=name,
+                    jwks_uri=jwks_uri,
+                    http_client=client,
+                    reactor=context.reactor,
+                    ttl=float(ttl),
+                    bearer=TokenFile(bearer_file) if bearer_file else None,
+                ),
+            )
+        if problems:
+            raise PluginConfigError(*problems)
+        return OIDCValidator(issuers=issuers, reactor=context.reactor, leeway=float(leeway))
+
+
+kubernetes_oidc = OIDCValidatorFactory()
