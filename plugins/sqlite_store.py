@@ -413,7 +413,10 @@ class SQLiteStore(Service):
         self._listeners.append(callback)
 
     def check_ready(self) -> Deferred[None]:
-        return self._run(lambda: self._read("SELECT 1") and None)
+        def probe() -> None:
+            self._read("SELECT 1")
+
+        return self._run(probe)
 
 
 def _bool(options: Mapping[str, Any], key: str, default: bool, problems: list[str]) -> bool:
