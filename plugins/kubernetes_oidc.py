@@ -136,7 +136,7 @@ class RemoteKeys:
     on_refresh: Callable[[str], None] = lambda outcome: None
     _keys: Optional[KeySet] = None
     _fetched_at: float = -1e18
-    _attempted_at: float = -1e18
+    _refetched_at: float = -1e18
     _failures: int = 0
     _next_attempt: float = -1e18
     _waiters: Optional[list[Deferred[KeySet]]] = None
@@ -147,9 +147,10 @@ class RemoteKeys:
         return await self._fetch_or_stale(now)
 
     async def refetch(self, now: float) -> Optional[KeySet]:
-        """For an unknown kid: fetch again unless that was done in the last 10 s."""
-        if now < self._attempted_at + UNKNOWN_KID_REFETCH_SECS:
+        """For an unknown kid: fetch again, at most once per 10 s."""
+        if now < self._refetched_at + UNKNOWN_KID_REFETCH_SECS:
             return None
+        self._refetched_at = now
         return await self._fetch_or_stale(now)
 
     async def _fetch_or_stale(self, now: float) -> KeySet:
@@ -169,7 +170,6 @@ class RemoteKeys:
             self._waiters.append(waiter)
             return await waiter
         self._waiters = []
-        self._attempted_at = now
         try:
             keys = await self._fetch()
         except DependencyUnavailable as error:

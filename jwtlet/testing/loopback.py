@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web.resource import IResource
 from twisted.web.server import Site
@@ -19,7 +19,8 @@ class LoopbackServer:
     url: str
 
     def stop(self) -> Deferred[None]:
-        return self.port.stopListening()  # type: ignore[no-any-return]
+        """Stop listening (again is fine); open connections stay until their clients close them."""
+        return maybeDeferred(self.port.stopListening)
 
 
 async def serve(reactor: Any, resource: IResource) -> LoopbackServer:

@@ -1,0 +1,215 @@
+"""
+The ``kubernetes-tokenreview`` validator: each token is reviewed by the
+Kubernetes API server (so a deleted service account stops its tokens at
+once), with jwtlet's own service-account token as the caller's credential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from typing import Any, Mapping, Optional
+
+import attrs
+from jwcrypto.common import JWException
+from jwcrypto.jws import JWS
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from jwtlet import k8s_identity
+from jwtlet.httpclient import build_http_client
+from jwtlet.interfaces import (
+    DependencyUnavailable,
+    IReadiness,
+    IValidator,
+    IValidatorFactory,
+    PluginConfigError,
+    PluginContext,
+    TokenRejected,
+)
+from jwtlet.model import Identity
+from jwtlet.tokenfile import TokenFile
+
+log = Logger(namespace="jwtlet.validator.tokenreview")
+
+MAX_CACHE_TTL_SECS = 10.0
+MAX_CACHE_ENTRIES = 10_000
+MAX_TOKEN_BYTES = 16 * 1024
+TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+def unverified_claims(token: str) -> Mapping[str, Any]:
+    """
+    The payload of a JWT without checking it: only to bound the cache by
+    ``exp`` and to read ``jti`` once the API server has vouched for the token.
+    """
+    try:
+        jws = JWS()
+        jws.deserialize(token)
+        claims = json.loads(jws.objects["payload"])
+    except (JWException, ValueError, KeyError, TypeError):
+        return {}
+    return claims if isinstance(claims, Mapping) else {}
+
+
+@implementer(IValidator, IReadiness)
+@attrs.define
+class TokenReviewValidator:
+    api_server_url: str
+    own_token: TokenFile
+    http_client: Any
+    reactor: Any
+    issuer: str
+    timeout: float = 5.0
+    cache_ttl: float = MAX_CACHE_TTL_SECS
+    max_entries: int = MAX_CACHE_ENTRIES
+    _cache: OrderedDict[str, tuple[Identity, float]] = attrs.field(factory=OrderedDict)
+
+    def validate(self, token: str, audience: Optional[str]) -> Deferred[Identity]:
+        if not token or len(token) > MAX_TOKEN_BYTES:
+            return fail(TokenRejected("empty or oversized token"))
+        return ensureDeferred(self._validate(token, audience))
+
+    async def _validate(self, token: str, audience: Optional[str]) -> Identity:
+        key = hashlib.sha256(f"{audience}\0{token}".encode()).hexdigest()
+        now = self.reactor.seconds()
+        cached = self._cache.get(key)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        spec: dict[str, Any] = {"token": token}
+        if audience is not None:
+            spec["audiences"] = [audience]
+        status = await self._review({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec})
+        identity = self._identity(status, audience, token)
+        until = now + self.cache_ttl
+        if identity.expires_at is not None:
+            until = min(until, identity.expires_at)
+        self._cache[key] = (identity, until)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return identity
+
+    def _identity(self, status: Any, audience: Optional[str], token: str) -> Identity:
+        if not isinstance(status, Mapping) or status.get("authenticated") is not True:
+            error = status.get("error") if isinstance(status, Mapping) else None
+            raise TokenRejected(f"TokenReview: {error or 'not authenticated'}")
+        user = status.get("user")
+        if not isinstance(user, Mapping):
+            raise TokenRejected("TokenReview: no user")
+        if audience is not None and audience not in (status.get("audiences") or []):
+            raise TokenRejected("TokenReview: the audience was not confirmed")
+        account = k8s_identity.from_username(user.get("username"))
+        listed = user.get("groups")
+        groups: list[Any] = listed if isinstance(listed, list) else []
+        if account is None or "system:serviceaccounts" not in groups:
+            raise TokenRejected("not a service account")
+        claims = unverified_claims(token)
+        expires = claims.get("exp")
+        token_id = claims.get("jti")
+        given = user.get("extra")
+        extra: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
+        return Identity(
+            username=account.username,
+            issuer=self.issuer,
+            uid=user.get("uid") if isinstance(user.get("uid"), str) else None,
+            namespace=account.namespace,
+            name=account.name,
+            groups=tuple(str(group) for group in groups),
+            extra=dict(extra),
+            expires_at=float(expires) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else None,
+            token_id=token_id if isinstance(token_id, str) else None,
+        )
+
+    async def _review(self, body: dict[str, Any]) -> Any:
+        code, answer = await self._post(body, self._own_token(refresh=False))
+        if code == 401:
+            # Our own token may have been rotated under us: read it again, once.
+            code, answer = await self._post(body, self._own_token(refresh=True))
+        if code in (200, 201) and isinstance(answer, Mapping):
+            return answer.get("status")
+        if code in (401, 403):
+            log.error("the API server refused jwtlet's own credentials for TokenReview (HTTP {code})", code=code)
+        raise DependencyUnavailable(f"TokenReview: HTTP {code}")
+
+    def _own_token(self, refresh: bool) -> str:
+        try:
+            return self.own_token.refused() if refresh else self.own_token.read()
+        except (OSError, ValueError) as error:
+            raise DependencyUnavailable(f"own service account token: {error}") from None
+
+    async def _post(self, body: dict[str, Any], own_token: str) -> tuple[int, Any]:
+        try:
+            response = await self.http_client.post(
+                self.api_server_url + TOKENREVIEW_PATH,
+                data=json.dumps(body).encode(),
+                headers={"Authorization": [f"Bearer {own_token}"], "Content-Type": ["application/json"],
+                         "Accept": ["application/json"]},
+                timeout=self.timeout,
+                reactor=self.reactor,
+            )
+            content = await response.content()
+        except CancelledError:
+            raise DependencyUnavailable("TokenReview: timed out") from None
+        except Exception as error:
+            raise DependencyUnavailable(f"TokenReview: {type(error).__name__}") from None
+        try:
+            return response.code, json.loads(content)
+        except ValueError:
+            return response.code, None
+
+    def check_ready(self) -> Deferred[None]:
+        try:
+            self.own_token.read()
+        except (OSError, ValueError) as error:
+            return fail(DependencyUnavailable(f"own service account token: {error}"))
+        return succeed(None)
+
+
+_OPTIONS = frozenset({"api_server_url", "token_file", "ca_file", "timeout_secs", "cache_ttl_secs"})
+
+
+@implementer(IPlugin, IValidatorFactory)
+@attrs.frozen
+class TokenReviewValidatorFactory:
+    name: str = "kubernetes-tokenreview"
+    description: str = "asks the Kubernetes API server (TokenReview) about every service-account token"
+
+    def build(self, options: Mapping[str, Any], context: PluginContext) -> TokenReviewValidator:
+        k8s = context.config.k8s
+        problems = [f"{key}: unknown key" for key in options if key not in _OPTIONS]
+        url = options.get("api_server_url", k8s.api_server_url)
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            problems.append("api_server_url: required (an https URL; k8s.api_server_url is the default)")
+        token_file = options.get("token_file", k8s.token_file)
+        if not isinstance(token_file, str) or not token_file:
+            problems.append("token_file: must be a path")
+        timeout = options.get("timeout_secs", 5)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
+            problems.append("timeout_secs: must be between 0 and 60")
+        ttl = options.get("cache_ttl_secs", MAX_CACHE_TTL_SECS)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl <= MAX_CACHE_TTL_SECS:
+            problems.append(f"cache_ttl_secs: must be between 0 and {MAX_CACHE_TTL_SECS:g}")
+        if problems:
+            raise PluginConfigError(*problems)
+        ca_file = options.get("ca_file")
+        client = (
+            build_http_client(context.reactor, ca_file=ca_file)
+            if ca_file is not None or context.http_client is None
+            else context.http_client
+        )
+        return TokenReviewValidator(
+            api_server_url=url.rstrip("/"),
+            own_token=TokenFile(token_file),
+            http_client=client,
+            reactor=context.reactor,
+            issuer=k8s.cluster_issuer,
+            timeout=float(timeout),
+            cache_ttl=float(ttl),
+        )
+
+
+kubernetes_tokenreview = TokenReviewValidatorFactory()

@@ -1,0 +1,155 @@
+"""The kubernetes-tokenreview validator against the fake API server over loopback."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import pytest_twisted
+from k8s_fixtures import CLIENT_AUDIENCE, Cluster, plugin_context, start_cluster, stopping
+from twisted.internet.task import Clock
+
+from jwtlet.httpclient import close_http_client
+from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, TokenRejected
+from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(time.time())
+    return clock
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster(clock: Clock) -> AsyncIterator[Cluster]:
+    async for running in stopping(await start_cluster(clock)):
+        running.fake.add_service_account("ns", "app")
+        yield running
+
+
+def build(tmp_path: Path, cluster: Cluster, clock: Clock, **options: Any) -> Any:
+    return kubernetes_tokenreview.build(options, plugin_context(tmp_path, cluster, clock))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reviewed_token_yields_its_service_account(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
+    validator = build(tmp_path, cluster, clock)
+    identity = await validator.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE], pod="app-1"),
+                                        CLIENT_AUDIENCE)
+    assert identity.username == "system:serviceaccount:ns:app"
+    assert identity.uid == cluster.fake.accounts[("ns", "app")]
+    assert identity.issuer == cluster.fake.issuer
+    assert identity.extra["authentication.kubernetes.io/pod-name"] == ["app-1"]
+    assert identity.token_id is not None and identity.expires_at is not None
+    await validator.check_ready()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rejections(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
+    validator = build(tmp_path, cluster, clock)
+    fake = cluster.fake
+    good = fake.projected_claims("ns", "app", [CLIENT_AUDIENCE])
+    for bad in (
+        fake.sign(dict(good, aud=["elsewhere"])),
+        fake.sign(dict(good, exp=int(clock.seconds()) - 1)),
+        fake.sign(dict(good, iss="https://other-cluster")),
+        fake.mint_legacy("ns", "app"),
+        "not-a-jwt",
+    ):
+        with pytest.raises(TokenRejected):
+            await validator.validate(bad, CLIENT_AUDIENCE)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_service_account_stops_its_tokens(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
+    validator = build(tmp_path, cluster, clock, cache_ttl_secs=10)
+    token = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE])
+    await validator.validate(token, CLIENT_AUDIENCE)
+    cluster.fake.delete_service_account("ns", "app")
+    await validator.validate(token, CLIENT_AUDIENCE)  # cached for at most 10 s
+    assert cluster.fake.requests["tokenreviews"] == 1
+    clock.advance(10.5)
+    with pytest.raises(TokenRejected) as raised:
+        await validator.validate(token, CLIENT_AUDIENCE)
+    assert "invalidated" in str(raised.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cache_never_outlives_the_token(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
+    validator = build(tmp_path, cluster, clock, cache_ttl_secs=10)
+    token = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE], ttl=3)
+    await validator.validate(token, CLIENT_AUDIENCE)
+    clock.advance(4)
+    with pytest.raises(TokenRejected):
+        await validator.validate(token, CLIENT_AUDIENCE)
+    assert cluster.fake.requests["tokenreviews"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_non_service_account_user_is_refused(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
+    validator = build(tmp_path, cluster, clock)
+    cluster.fake.users["token-of-a-person"] = {"username": "alice@example.com", "groups": ["system:authenticated"]}
+    cluster.fake.users["sa-name-without-the-group"] = {
+        "username": "system:serviceaccount:ns:app", "groups": ["system:authenticated"]}
+    for token in ("token-of-a-person", "sa-name-without-the-group"):
+        with pytest.raises(TokenRejected) as raised:
+            await validator.validate(token, CLIENT_AUDIENCE)
+        assert str(raised.value) == "not a service account"
+
+
+@pytest_twisted.ensureDeferred
+async def test_our_own_token_is_reread_after_a_401_then_retried_once(
+    tmp_path: Path, cluster: Cluster, clock: Clock
+) -> None:
+    validator = build(tmp_path, cluster, clock)
+    await validator.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE]), CLIENT_AUDIENCE)
+    own = tmp_path / "own-token"
+    before = own.stat()
+    # A rotation the stat cannot see (same size, same mtime): only the 401 reveals it.
+    own.write_text("jwtlet-own-toke2")
+    os.utime(own, ns=(before.st_atime_ns, before.st_mtime_ns))
+    cluster.fake.caller_tokens = {"jwtlet-own-toke2"}
+    reviews = cluster.fake.requests["tokenreviews"]
+    await validator.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE]), CLIENT_AUDIENCE)
+    assert cluster.fake.requests["tokenreviews"] == reviews + 2, "one 401, one retry"
+    cluster.fake.caller_tokens = {"something-else"}
+    with pytest.raises(DependencyUnavailable):
+        await validator.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE]), CLIENT_AUDIENCE)
+    assert cluster.fake.requests["tokenreviews"] == reviews + 4, "retried once, not more"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_api_server_down_is_503_never_a_token(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
+    validator = build(tmp_path, cluster, clock)
+    token = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE])
+    for status in (500, 503, 429):
+        cluster.fake.failure_status = status
+        with pytest.raises(DependencyUnavailable):
+            await validator.validate(token, CLIENT_AUDIENCE)
+    cluster.fake.failure_status = None
+    await cluster.server.stop()
+    await close_http_client(cluster.client)  # kept-alive connections would outlive the listener
+    with pytest.raises(DependencyUnavailable):
+        await validator.validate(token, CLIENT_AUDIENCE)
+
+
+def test_option_problems(tmp_path: Path) -> None:
+    import types
+
+    ctx = types.SimpleNamespace(
+        reactor=Clock(), clock=Clock(), http_client=object(), data_dir=tmp_path,
+        config=types.SimpleNamespace(k8s=types.SimpleNamespace(
+            api_server_url=None, token_file="/t", ca_file="/c", cluster_issuer="https://k")),
+    )
+    with pytest.raises(PluginConfigError) as raised:
+        kubernetes_tokenreview.build({"cache_ttl_secs": 60, "timeout_secs": 0, "bogus": 1}, ctx)
+    assert sorted(raised.value.messages) == [
+        "api_server_url: required (an https URL; k8s.api_server_url is the default)",
+        "bogus: unknown key",
+        "cache_ttl_secs: must be between 0 and 10",
+        "timeout_secs: must be between 0 and 60",
+    ]
