@@ -1,0 +1,162 @@
+"""
+The PostgreSQL store against a real throwaway server: the conformance suite,
+two replicas on one database, a restart under load, concurrent writers, and
+replicas migrating together.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from postgres_fixtures import postgres_server, postgres_url  # noqa: F401 - fixtures
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, gatherResults
+from twisted.internet.task import deferLater
+
+from jwtlet.interfaces import Conflict, DependencyUnavailable, NotFound, PluginConfigError
+from jwtlet.model import ResourceMapping, ScopeMapping
+from jwtlet.plugins.postgres_store import PostgresStore, parse_duration, postgres
+from jwtlet.testing.postgres import PostgresServer
+from jwtlet.testing.store_conformance import StoreConformance
+
+pytestmark = pytest.mark.postgres
+
+
+def context() -> types.SimpleNamespace:
+    return types.SimpleNamespace(reactor=reactor, clock=reactor, data_dir=".")
+
+
+def make_store(url: str, **options: Any) -> PostgresStore:
+    store = postgres.build(dict({"url": url, "pool": {"max_connections": 4, "acquire_timeout": "3s"}}, **options),
+                           context())
+    store.startService()
+    return store
+
+
+@pytest.fixture
+def clock() -> Any:
+    return reactor
+
+
+class TestPostgresStore(StoreConformance):
+    @pytest.fixture
+    def store(self, postgres_url: str) -> Iterator[Any]:  # noqa: F811
+        store = make_store(postgres_url)
+        yield store
+        pytest_twisted.blockon(store.stopService())
+
+
+async def eventually(check: Any, attempts: int = 100, interval: float = 0.05) -> None:
+    """Poll ``check`` (an async callable returning bool), bounded, without sleeping the reactor."""
+    for _ in range(attempts):
+        if await check():
+            return
+        await deferLater(reactor, interval, lambda: None)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_through_one_replica_is_used_by_the_other_within_a_second(postgres_url: str) -> None:  # noqa: F811
+    one, two = make_store(postgres_url), make_store(postgres_url)
+    try:
+        await one.add_mapping(ResourceMapping("client", "ctx", scopes=("read",)))
+        await one.add_scope(ScopeMapping("read", {"v": 1}))
+
+        async def listening() -> bool:
+            return bool(two._listener.connected)
+
+        await eventually(listening)
+        assert (await two.resolve("client", "ctx", ["read"])).scopes["read"].claims == {"v": 1}
+        started = reactor.seconds()
+        await one.update_scope(ScopeMapping("read", {"v": 2}))
+        await one.delete_mapping("client", "ctx")
+
+        async def gone() -> bool:
+            try:
+                await two.resolve("client", "ctx", ["read"])
+            except NotFound:
+                return True
+            return False
+
+        await eventually(gone)
+        assert reactor.seconds() - started < 1.0
+    finally:
+        await gatherResults([one.stopService(), two.stopService()])
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_writers_on_one_key_exactly_one_wins(postgres_url: str) -> None:  # noqa: F811
+    stores = [make_store(postgres_url) for _ in range(3)]
+    try:
+        await stores[0].list_mappings()  # migrated before the race
+        attempts = [store.add_mapping(ResourceMapping("client", "same")) for store in stores for _ in range(4)]
+        results = await DeferredList(attempts, consumeErrors=True)
+        successes = [ok for ok, _ in results if ok]
+        conflicts = [failure for ok, failure in results if not ok and failure.check(Conflict)]
+        assert len(successes) == 1 and len(conflicts) == len(attempts) - 1
+    finally:
+        await gatherResults([store.stopService() for store in stores])
+
+
+@pytest_twisted.ensureDeferred
+async def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:  # noqa: F811
+    stores = [make_store(postgres_url) for _ in range(4)]
+    try:
+        await gatherResults([store.list_scopes() for store in stores])
+
+        def versions(connection: Any) -> list[Any]:
+            return [row["version"] for row in connection.execute("SELECT version FROM jwtlet_schema_version")]
+
+        assert await stores[0]._run(versions) == [1]
+    finally:
+        await gatherResults([store.stopService() for store in stores])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restart_under_load_loses_nothing_and_recovers_by_itself(
+    postgres_server: PostgresServer, postgres_url: str  # noqa: F811
+) -> None:
+    store = make_store(postgres_url)
+    try:
+        for index in range(20):
+            await store.add_mapping(ResourceMapping("client", f"ctx-{index}"))
+        postgres_server.stop()
+        with pytest.raises(DependencyUnavailable):
+            await store.add_mapping(ResourceMapping("client", "during-outage"))
+        with pytest.raises(DependencyUnavailable):
+            await store.list_mappings()
+        with pytest.raises(DependencyUnavailable):
+            await store.check_ready()
+        postgres_server.start()
+
+        async def recovered() -> bool:
+            try:
+                await store.check_ready()
+            except DependencyUnavailable:
+                return False
+            return True
+
+        await eventually(recovered, attempts=200)
+        mappings = await store.list_mappings("client")
+        assert len(mappings) == 20, "nothing acknowledged was lost"
+        await store.add_mapping(ResourceMapping("client", "after-outage"))
+    finally:
+        await store.stopService()
+
+
+def test_option_problems_and_durations() -> None:
+    assert parse_duration("30s") == 30 and parse_duration("5m") == 300 and parse_duration("250ms") == 0.25
+    with pytest.raises(PluginConfigError) as raised:
+        postgres.build({"pool": {"max_connections": 0, "acquire_timeout": "soon", "bogus": 1},
+                        "sslmode": "maybe", "extra": 1}, context())
+    assert sorted(raised.value.messages) == sorted([
+        "extra: unknown key",
+        "url: required for the postgres store (a libpq URL)",
+        "pool.bogus: unknown key",
+        "pool.max_connections: must be a whole number (1 or more)",
+        'pool.acquire_timeout: must be a duration such as "30s"',
+        "sslmode: must be one of disable, allow, prefer, require, verify-ca, verify-full",
+    ])
