@@ -18,11 +18,10 @@ import pytest_twisted
 import treq
 import yaml
 from authlib.integrations.requests_client import OAuth2Session
-from twisted.internet import reactor
+from k8s_fixtures import Cluster, start_cluster, stopping
 from twisted.internet.threads import deferToThread
 
 from jwtlet.testing.process import DaemonProcess
-from k8s_fixtures import Cluster, start_cluster, stopping
 
 pytestmark = pytest.mark.slow
 
