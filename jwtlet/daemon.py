@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from jwtlet import config as configuration
 from jwtlet import devissuer
 from jwtlet._async import as_deferred
+from jwtlet.apikey_exchange import ApiKeyExchange, ApiKeyVerifier
 from jwtlet.config import Config, ConfigError
 from jwtlet.discovery import Discovered, build, discover
 from jwtlet.exchange import TokenExchangeAPI
@@ -237,26 +238,38 @@ def build_apis(
         participant_context_claim=config.token.participant_context_claim,
         ttl_secs=config.token.token_ttl_secs,
     )
+    signing = Signing(providers.signer, clock, metrics)
+    limiter = RateLimiter(clock, config.rate_limits.per_client_per_sec, config.rate_limits.global_per_sec)
     issuer = TokenIssuer(
         validator=providers.validator,
         store=providers.store,
-        signing=Signing(providers.signer, clock, metrics),
+        signing=signing,
         parameters=parameters,
         client_audience=config.token.client_audience,
         default_audience=config.token.audience,
         reject_replays=config.token.reject_replayed_subject_tokens,
         clock=clock,
         metrics=metrics,
-        limiter=RateLimiter(
-            clock, config.rate_limits.per_client_per_sec, config.rate_limits.global_per_sec
-        ),
+        limiter=limiter,
     )
+    api_keys = None
+    if config.api_keys is not None:
+        api_keys = ApiKeyExchange(
+            verifier=ApiKeyVerifier(providers.store, config.api_keys.prefix),
+            config=config.api_keys,
+            issuer=config.issuer,
+            signing=signing,
+            clock=clock,
+            metrics=metrics,
+            limiter=limiter,
+        )
     token_api = TokenExchangeAPI(
         issuer=issuer,
         signer=providers.signer,
         issuer_url=config.issuer,
         require_subject_token_type=config.token.require_subject_token_type,
         readiness=readiness,
+        api_keys=api_keys,
     )
     management_api = ManagementAPI(
         store=providers.store,

@@ -5,6 +5,7 @@ metadata documents.  Handlers parse and render; the decision is the issuer's.
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Optional
 from urllib.parse import parse_qs
 
@@ -16,6 +17,8 @@ from werkzeug.exceptions import NotFound
 
 from jwtlet import policy
 from jwtlet._async import as_deferred
+from jwtlet.apikey_exchange import ApiKeyExchange, InvalidKey, UnknownProfile
+from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.issuer import TokenIssuer
 from jwtlet.policy import ExchangeError
 from jwtlet.web import (
@@ -82,6 +85,7 @@ class TokenExchangeAPI:
     require_subject_token_type: bool
     readiness: Readiness
     ext_authz: Optional[IResource] = None
+    api_keys: Optional[ApiKeyExchange] = None
 
     @app.handle_errors(ExchangeError)
     def exchange_error(self, request: IRequest, failure: Any) -> bytes:
@@ -99,7 +103,7 @@ class TokenExchangeAPI:
             raise policy.invalid_request(f"the body must be {FORM}")
         token_request = policy.parse_token_request(parse_form(body), self.require_subject_token_type)
         if token_request.is_api_key:
-            raise policy.invalid_request("unsupported subject_token_type")
+            return await self.api_key_via_token_endpoint(request, token_request)
         issued = await self.issuer.exchange(token_request)
         response: dict[str, Any] = {
             "access_token": issued.access_token,
@@ -110,6 +114,50 @@ class TokenExchangeAPI:
         if issued.scope:
             response["scope"] = issued.scope
         return json_response(request, response, 200, NO_STORE)
+
+    async def api_key_via_token_endpoint(self, request: IRequest, token_request: policy.TokenRequest) -> bytes:
+        """The API-key exchange reached through RFC 8693, with RFC 6749 errors."""
+        if self.api_keys is None:
+            raise policy.invalid_request("unsupported subject_token_type")
+        try:
+            token = await self.api_keys.exchange(token_request.resource, token_request.subject_token)
+            profile = self.api_keys.profile(token_request.resource)
+        except UnknownProfile:
+            raise ExchangeError("invalid_target", "unknown API-key profile") from None
+        except InvalidKey:
+            raise policy.invalid_grant("subject token rejected") from None
+        except DependencyUnavailable as error:
+            raise policy.temporarily_unavailable(error.retry_after) from None
+        response = {
+            "access_token": token,
+            "issued_token_type": policy.TOKEN_TYPE_JWT,
+            "token_type": "Bearer",
+            "expires_in": profile.ttl_secs,
+        }
+        return json_response(request, response, 200, NO_STORE)
+
+    @app.route("/v0/token/<profile>", methods=["POST"])
+    async def api_key_token(self, request: IRequest, profile: str) -> bytes:
+        """``{"api_key": ...}`` in, ``{"token": ...}`` out (the M-Lab contract)."""
+        if self.api_keys is None:
+            raise NotFound()
+        body = read_body(request, MAX_BODY)
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            document = None
+        key = document.get("api_key") if isinstance(document, dict) else None
+        if not isinstance(document, dict) or (key is not None and not isinstance(key, str)):
+            raise APIError(400, {"error": "invalid request body"}, NO_STORE)
+        try:
+            token = await self.api_keys.exchange(profile, key)
+        except UnknownProfile:
+            raise APIError(404, {"error": "unknown profile"}, NO_STORE) from None
+        except InvalidKey:
+            raise APIError(401, {"error": "invalid API key"}, NO_STORE) from None
+        except ExchangeError as error:
+            raise APIError(error.status, {"error": error.code}, error_headers(error)) from None
+        return json_response(request, {"token": token}, 200, NO_STORE)
 
     @app.route("/.well-known/jwks.json", methods=["GET"])
     async def jwks(self, request: IRequest) -> bytes:

@@ -91,7 +91,7 @@ def test_an_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
     for round_ in range(3):
         process = subprocess.Popen(  # noqa: S603
             [sys.executable, "-c", WRITER.replace('f"ctx-{index}"', f'f"r{round_}-{{index}}"'), str(path), "5"],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, text=True, cwd=tmp_path,  # not the repo: its jwtlet/ would shadow the wheel
         )
         assert process.stdout is not None
         lines = [process.stdout.readline() for _ in range(5)]
