@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO
 
-from jwtlet import keys
+from jwtlet import apikey_cli, keys, mint
 from jwtlet.config import DEFAULT_DATA_DIR, ConfigError
 
 
@@ -145,11 +145,18 @@ def parser() -> argparse.ArgumentParser:
     keygen = add("keygen", command_keygen, "write a new private JWK (mode 0600)")
     keygen.add_argument("--alg", required=True, choices=keys.ALGORITHMS)
     keygen.add_argument("--out", required=True)
+    apikey_cli.add_commands(commands)
+    mint = commands.add_parser("mint", help="write one signed token to a file (init containers)", add_help=False)
+    mint.set_defaults(handler=None)
     return top
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["mint"]:
+        # mint has its own parser: its flags and environment are the jwt-generator contract.
+        return mint.mint(arguments[1:], os.environ)
+    args = parser().parse_args(arguments)
     return int(args.handler(args, sys.stdout))
 
 

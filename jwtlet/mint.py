@@ -1,0 +1,132 @@
+"""
+``jwtlet mint``: write one signed token to a file and exit (the init-container
+pattern, where the signing secret never reaches the application container).
+
+Inputs come from flags or the environment (``SERVICE_NAME``, ``OUTPUT_PATH``,
+``JWT_SECRET_KEY`` or ``JWT_SECRET``).  Any missing or invalid input exits
+with status 2 and one line naming the problem, and leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from jwcrypto.common import base64url_encode, json_encode
+from jwcrypto.jwk import JWK
+from jwcrypto.jws import JWS
+
+from jwtlet import keys
+
+MIN_SECRET_BYTES = 32
+
+
+class MintError(Exception):
+    """One line for the user; exit status 2."""
+
+
+def parser() -> argparse.ArgumentParser:
+    mint = argparse.ArgumentParser(prog="jwtlet mint", description="write one signed JWT to a file")
+    mint.add_argument("--service-name", help="the sub claim (env SERVICE_NAME)")
+    mint.add_argument("--output-path", help="where to write the token (env OUTPUT_PATH)")
+    mint.add_argument("--key-file", help="a private JWK or PEM (asymmetric); else JWT_SECRET_KEY/JWT_SECRET (HS256)")
+    mint.add_argument("--issuer", default="jwtlet-mint")
+    mint.add_argument("--ttl", type=int, default=3600, help="seconds until exp (default 3600)")
+    mint.add_argument("--no-expiry", action="store_true", help="no exp claim (--ttl is ignored)")
+    mint.add_argument("--audience")
+    mint.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE",
+                      help="an extra claim; VALUE may be JSON (repeatable)")
+    mint.add_argument("--role", default="service")
+    return mint
+
+
+def signing_key(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[JWK, str]:
+    if args.key_file:
+        try:
+            key = keys.load(Path(args.key_file))
+            return key, keys.algorithm_for(key)
+        except keys.KeyError_ as error:
+            raise MintError(f"key file: {error}") from None
+    secret = environ.get("JWT_SECRET_KEY") or environ.get("JWT_SECRET")
+    if not secret:
+        raise MintError("no signing key: set JWT_SECRET_KEY (or JWT_SECRET), or give --key-file")
+    raw = secret.encode("utf-8")
+    if len(raw) < MIN_SECRET_BYTES:
+        raise MintError(f"the shared secret must be at least {MIN_SECRET_BYTES} bytes (it has {len(raw)})")
+    return JWK(kty="oct", k=base64url_encode(raw)), "HS256"
+
+
+def extra_claims(pairs: Sequence[str]) -> dict[str, Any]:
+    claims: dict[str, Any] = {}
+    for pair in pairs:
+        name, separator, text = pair.partition("=")
+        if not separator or not name:
+            raise MintError(f"--claim {pair!r}: use KEY=VALUE")
+        try:
+            claims[name] = json.loads(text)
+        except ValueError:
+            claims[name] = text
+    return claims
+
+
+def build_claims(args: argparse.Namespace, service: str, now: int) -> dict[str, Any]:
+    claims: dict[str, Any] = {"iss": args.issuer, "sub": service, "iat": now, "jti": str(uuid.uuid4()),
+                              "role": args.role}
+    if not args.no_expiry:
+        if args.ttl <= 0:
+            raise MintError("--ttl must be a positive number of seconds")
+        claims["exp"] = now + args.ttl
+    if args.audience:
+        claims["aud"] = args.audience
+    claims.update(extra_claims(args.claim))
+    return claims
+
+
+def write_atomically(path: Path, content: str) -> None:
+    """Temp file in the same directory, fsync, rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write(content)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def mint(argv: Sequence[str], environ: Mapping[str, str], now: Optional[int] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        service = args.service_name or environ.get("SERVICE_NAME")
+        if not service:
+            raise MintError("no service name: give --service-name or set SERVICE_NAME")
+        output = args.output_path or environ.get("OUTPUT_PATH")
+        if not output:
+            raise MintError("no output path: give --output-path or set OUTPUT_PATH")
+        key, algorithm = signing_key(args, environ)
+        claims = build_claims(args, service, int(time.time()) if now is None else now)
+        header = {"alg": algorithm, "typ": "JWT"}
+        if key.get("kid"):
+            header["kid"] = key.get("kid")
+        jws = JWS(json_encode(claims).encode("utf-8"))
+        jws.add_signature(key, alg=algorithm, protected=json_encode(header))
+        try:
+            write_atomically(Path(output), jws.serialize(compact=True))
+        except OSError as error:
+            raise MintError(f"cannot write {output}: {error.strerror}") from None
+    except MintError as error:
+        sys.stderr.write(f"jwtlet mint: {error}\n")
+        return 2
+    sys.stderr.write(f"token written to {output}\n")
+    return 0
