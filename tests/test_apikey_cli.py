@@ -40,6 +40,7 @@ def test_create_list_revoke(tmp_path: Path) -> None:
     assert listed.stdout == "acme\tk1\t2\tactive\tci\n"
     assert parsed.secret not in listed.stdout
     assert run(tmp_path, "revoke", "--config", str(config), "acme", "k1").returncode == 0
-    assert run(tmp_path, "list", "--config", str(config), "--integration", "acme").stdout == "acme\tk1\t2\trevoked\tci\n"
+    after = run(tmp_path, "list", "--config", str(config), "--integration", "acme")
+    assert after.stdout == "acme\tk1\t2\trevoked\tci\n"
     missing = run(tmp_path, "revoke", "--config", str(config), "acme", "nope")
     assert missing.returncode == 1 and "no key nope" in missing.stderr

@@ -17,7 +17,9 @@ from jwtlet.testing.process import bin_path
 SECRET = "0123456789abcdef0123456789abcdef"
 
 
-def mint(tmp_path: Path, arguments: list[str], env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
+def mint(
+    tmp_path: Path, arguments: list[str], env: Optional[dict[str, str]] = None
+) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items()
                    if k not in ("SERVICE_NAME", "OUTPUT_PATH", "JWT_SECRET_KEY", "JWT_SECRET")}
     environment.update(env or {})
