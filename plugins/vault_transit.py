@@ -1,0 +1,425 @@
+"""
+The ``vault-transit`` signer: keys never leave Vault; jwtlet asks the transit
+engine to sign.
+
+Every signature names its key version (``kid`` = ``<key_name>-<version>``,
+with ``key_version`` always sent, and the ``vault:vN:`` prefix of the answer
+checked), so a rotation between reading the key and signing cannot produce a
+token whose ``kid`` lies.  Key metadata is re-read every ``key_refresh_secs``:
+a new version is published in the JWKS at once and signs only
+``publish_before_use_secs`` later; a version that stopped signing stays
+published until the tokens it signed have expired.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Mapping, Optional
+
+import attrs
+from jwcrypto.common import base64url_encode, json_encode
+from jwcrypto.jwk import JWK
+from twisted.application.service import IService, Service
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from jwtlet.httpclient import build_http_client, close_http_client
+from jwtlet.interfaces import (
+    DependencyUnavailable,
+    IReadiness,
+    ISigner,
+    ISignerFactory,
+    PluginConfigError,
+    PluginContext,
+)
+from jwtlet.tokenfile import TokenFile
+
+log = Logger(namespace="jwtlet.signer.vault")
+
+KEY_TYPES = ("ed25519", "ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+_ECDSA = {"ecdsa-p256": ("ES256", "sha2-256"), "ecdsa-p384": ("ES384", "sha2-384")}
+MISCONFIGURATION_LOG_INTERVAL = 60.0
+
+
+class VaultMisconfigured(Exception):
+    """Vault refused in a way only an operator can fix (unknown key, permission denied)."""
+
+
+def algorithm_for(key_type: str, rsa_algorithm: str) -> str:
+    if key_type == "ed25519":
+        return "EdDSA"
+    if key_type in _ECDSA:
+        return _ECDSA[key_type][0]
+    return rsa_algorithm
+
+
+def sign_parameters(key_type: str, rsa_algorithm: str) -> dict[str, Any]:
+    """The transit request fields that make a signature a valid JWS signature."""
+    if key_type == "ed25519":
+        return {"marshaling_algorithm": "jws"}
+    if key_type in _ECDSA:
+        return {"hash_algorithm": _ECDSA[key_type][1], "marshaling_algorithm": "jws"}
+    if rsa_algorithm == "PS256":
+        # JWS PS256 needs salt length = hash length; Vault's default is the maximum.
+        return {"hash_algorithm": "sha2-256", "signature_algorithm": "pss", "salt_length": "hash",
+                "marshaling_algorithm": "jws"}
+    return {"hash_algorithm": "sha2-256", "signature_algorithm": "pkcs1v15", "marshaling_algorithm": "jws"}
+
+
+def public_jwk(key_type: str, public_key: str) -> JWK:
+    """Vault's published key: raw base64 for Ed25519, PEM for the rest."""
+    if key_type == "ed25519":
+        return JWK(kty="OKP", crv="Ed25519", x=base64url_encode(base64.b64decode(public_key)))
+    return JWK.from_pem(public_key.encode())
+
+
+@attrs.frozen
+class VaultOptions:
+    url: str
+    key_name: str = "signing-jwtlet_pc"
+    mount: str = "transit"
+    token: Optional[str] = None
+    token_file: Optional[str] = None
+    kubernetes_role: Optional[str] = None
+    kubernetes_mount: str = "kubernetes"
+    kubernetes_jwt_file: Optional[str] = None
+    create_key: bool = True
+    key_type: str = "ed25519"
+    rsa_algorithm: str = "RS256"
+    key_refresh_secs: float = 60.0
+    publish_before_use_secs: float = 0.0
+    timeout_secs: float = 5.0
+    ca_file: Optional[str] = None
+
+
+@attrs.define
+class KeyVersion:
+    version: int
+    jwk: JWK
+    seen_at: float
+    retired_at: Optional[float] = None
+
+
+class VaultAuth:
+    """Where the Vault token comes from: a literal, a file, or Kubernetes login."""
+
+    def __init__(self, options: VaultOptions, signer: VaultTransitSigner, sa_token_file: str):
+        self.options = options
+        self.signer = signer
+        self.file = TokenFile(options.token_file) if options.token_file else None
+        self.jwt_file = TokenFile(options.kubernetes_jwt_file or sa_token_file)
+        self.login_token: Optional[str] = None
+        self.renewal: Optional[Any] = None
+
+    async def token(self) -> str:
+        if self.options.token is not None:
+            return self.options.token
+        if self.file is not None:
+            try:
+                return self.file.read()
+            except (OSError, ValueError) as error:
+                raise DependencyUnavailable(f"vault token file: {error}") from None
+        if self.login_token is None:
+            await self.login()
+        assert self.login_token is not None
+        return self.login_token
+
+    async def refused(self) -> bool:
+        """The token was refused (403): get a fresh one if that is possible."""
+        if self.file is not None:
+            try:
+                self.file.refused()
+            except (OSError, ValueError):
+                return False
+            return True
+        if self.options.kubernetes_role is not None:
+            self.login_token = None
+            return True
+        return False
+
+    async def login(self) -> None:
+        try:
+            jwt = self.jwt_file.read()
+        except (OSError, ValueError) as error:
+            raise DependencyUnavailable(f"service account token: {error}") from None
+        path = f"/v1/auth/{self.options.kubernetes_mount}/login"
+        code, body = await self.signer.call("POST", path, {"role": self.options.kubernetes_role, "jwt": jwt},
+                                            token=None)
+        if code != 200:
+            raise VaultMisconfigured(f"Kubernetes login refused (HTTP {code})")
+        auth = body.get("auth") or {}
+        self.login_token = str(auth["client_token"])
+        self.schedule_renewal(float(auth.get("lease_duration") or 0), bool(auth.get("renewable")))
+
+    def schedule_renewal(self, lease: float, renewable: bool) -> None:
+        self.cancel()
+        if lease <= 0:
+            return
+        # Renew at two thirds of the lease; log in again if renewal fails.
+        delay = lease * 2 / 3
+        action = self.renew if renewable else self.login
+        self.renewal = self.signer.clock.callLater(delay, lambda: ensureDeferred(self._quietly(action)))
+
+    async def renew(self) -> None:
+        code, body = await self.signer.call("POST", "/v1/auth/token/renew-self", {}, token=self.login_token)
+        if code != 200:
+            log.warn("Vault token renewal failed (HTTP {code}); logging in again", code=code)
+            await self.login()
+            return
+        auth = body.get("auth") or {}
+        self.schedule_renewal(float(auth.get("lease_duration") or 0), bool(auth.get("renewable")))
+
+    async def _quietly(self, action: Any) -> None:
+        try:
+            await action()
+        except Exception as error:
+            log.warn("Vault authentication failed: {error}; retrying in 5 s", error=str(error))
+            self.renewal = self.signer.clock.callLater(5, lambda: ensureDeferred(self._quietly(self.login)))
+
+    def cancel(self) -> None:
+        if self.renewal is not None and self.renewal.active():
+            self.renewal.cancel()
+        self.renewal = None
+
+
+@implementer(ISigner, IReadiness, IService)
+class VaultTransitSigner(Service):
+    def __init__(self, options: VaultOptions, reactor: Any, clock: Any, token_ttl: float, sa_token_file: str):
+        self.options = options
+        self.clock = clock
+        self.token_ttl = token_ttl
+        self.algorithm = algorithm_for(options.key_type, options.rsa_algorithm)
+        self.client = build_http_client(reactor, ca_file=options.ca_file)
+        self.auth = VaultAuth(options, self, sa_token_file)
+        self.versions: dict[int, KeyVersion] = {}
+        self.key_type = options.key_type
+        self._refreshing = LoopingCall(lambda: ensureDeferred(self._refresh_quietly()))
+        self._refreshing.clock = clock
+        self._last_misconfiguration_log = -1e18
+        self._refreshed_once = False
+        if options.token is not None:
+            log.warn("vault.token is a literal token in the config: use token_file or kubernetes_auth in production")
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._refreshing.start(self.options.key_refresh_secs, now=True)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        if self._refreshing.running:
+            self._refreshing.stop()
+        self.auth.cancel()
+        return close_http_client(self.client)  # type: ignore[no-any-return]
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    async def call(self, method: str, path: str, body: Optional[dict[str, Any]], token: Optional[str]
+                   ) -> tuple[int, Any]:
+        headers: dict[Any, Any] = {"Content-Type": ["application/json"]}
+        if token is not None:
+            headers["X-Vault-Token"] = [token]
+        try:
+            response = await self.client.request(
+                method, self.options.url + path, headers=headers,
+                data=json.dumps(body).encode() if body is not None else None,
+                timeout=self.options.timeout_secs, reactor=self.clock,
+            )
+            content = await response.content()
+        except CancelledError:
+            raise DependencyUnavailable("vault: timed out") from None
+        except Exception as error:
+            raise DependencyUnavailable(f"vault: {type(error).__name__}") from None
+        if response.code == 503 or response.code == 429 or response.code >= 500:
+            raise DependencyUnavailable(f"vault: HTTP {response.code}")
+        try:
+            parsed = json.loads(content) if content else {}
+        except ValueError:
+            parsed = {}
+        return response.code, parsed if isinstance(parsed, dict) else {}
+
+    async def authenticated(self, method: str, path: str, body: Optional[dict[str, Any]]) -> tuple[int, Any]:
+        code, answer = await self.call(method, path, body, await self.auth.token())
+        if code == 403 and await self.auth.refused():
+            code, answer = await self.call(method, path, body, await self.auth.token())
+        if code == 403:
+            self.misconfigured(f"Vault refused jwtlet's token for {path} (permission denied)")
+        return code, answer
+
+    def misconfigured(self, message: str) -> None:
+        now = self.clock.seconds()
+        if now - self._last_misconfiguration_log >= MISCONFIGURATION_LOG_INTERVAL:
+            self._last_misconfiguration_log = now
+            log.error("{message}", message=message)
+        raise VaultMisconfigured(message)
+
+    # -- keys -----------------------------------------------------------------------------
+
+    @property
+    def key_path(self) -> str:
+        return f"/v1/{self.options.mount}/keys/{self.options.key_name}"
+
+    async def refresh(self) -> None:
+        code, body = await self.authenticated("GET", self.key_path, None)
+        if code == 404 and self.options.create_key:
+            code, body = await self.authenticated("POST", self.key_path, {"type": self.options.key_type})
+            log.info("created transit key {name} ({type})", name=self.options.key_name, type=self.options.key_type)
+        if code != 200:
+            self.misconfigured(f"cannot read transit key {self.options.key_name} (HTTP {code})")
+        data = body.get("data") or {}
+        self.key_type = str(data.get("type", self.options.key_type))
+        self.algorithm = algorithm_for(self.key_type, self.options.rsa_algorithm)
+        self.observe({int(v): entry["public_key"] for v, entry in (data.get("keys") or {}).items()})
+
+    def observe(self, published: Mapping[int, str]) -> None:
+        """Merge what Vault publishes now into the versions we know."""
+        now = self.clock.seconds()
+        first = not self._refreshed_once
+        for version, public_key in published.items():
+            if version not in self.versions:
+                jwk = public_jwk(self.key_type, public_key)
+                # Versions present at start-up are already in use elsewhere; newer ones wait.
+                seen = now - self.options.publish_before_use_secs if first else now
+                self.versions[version] = KeyVersion(version, jwk, seen)
+        for version in list(self.versions):
+            if version not in published:
+                del self.versions[version]  # trimmed or below min_decryption_version in Vault
+        self._refreshed_once = True
+        signing = self.signing_version(now)
+        for entry in self.versions.values():
+            if signing is not None and entry.version < signing.version and entry.retired_at is None:
+                entry.retired_at = now
+
+    def signing_version(self, now: float) -> Optional[KeyVersion]:
+        usable = [v for v in self.versions.values() if v.seen_at + self.options.publish_before_use_secs <= now]
+        return max(usable, key=lambda v: v.version) if usable else None
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except (DependencyUnavailable, VaultMisconfigured) as error:
+            log.warn("refreshing the transit key failed: {error}", error=str(error))
+
+    # -- ISigner ------------------------------------------------------------------------------
+
+    def kid(self, version: int) -> str:
+        return f"{self.options.key_name}-{version}"
+
+    def sign(self, header: dict[str, Any], claims: dict[str, Any]) -> Deferred[str]:
+        return ensureDeferred(self._sign(header, claims))
+
+    async def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
+        if not self.versions:
+            await self.refresh()
+        now = self.clock.seconds()
+        version = self.signing_version(now)
+        if version is None:
+            raise DependencyUnavailable("no transit key version may sign yet")
+        protected = dict(header, alg=self.algorithm, kid=self.kid(version.version))
+        signing_input = f"{base64url_encode(json_encode(protected))}.{base64url_encode(json_encode(claims))}"
+        request = {"input": base64.b64encode(signing_input.encode()).decode(), "key_version": version.version}
+        request.update(sign_parameters(self.key_type, self.options.rsa_algorithm))
+        code, body = await self.authenticated(
+            "POST", f"/v1/{self.options.mount}/sign/{self.options.key_name}", request)
+        if code != 200:
+            errors = body.get("errors") if isinstance(body, dict) else None
+            self.misconfigured(f"transit sign refused (HTTP {code}: {'; '.join(map(str, errors or []))})")
+        signature = str((body.get("data") or {}).get("signature", ""))
+        prefix, _, encoded = signature.rpartition(":")
+        if prefix != f"vault:v{version.version}" or not encoded:
+            raise VaultMisconfigured(f"Vault signed with {prefix or 'no version'}, not v{version.version}")
+        return f"{signing_input}.{encoded}"
+
+    def public_jwks(self) -> Deferred[dict[str, Any]]:
+        return ensureDeferred(self._public_jwks())
+
+    async def _public_jwks(self) -> dict[str, Any]:
+        if not self.versions:
+            await self.refresh()
+        now = self.clock.seconds()
+        keys = []
+        for entry in sorted(self.versions.values(), key=lambda v: -v.version):
+            if entry.retired_at is not None and now > entry.retired_at + self.token_ttl:
+                continue  # every token it signed has expired
+            public = json.loads(entry.jwk.export_public())
+            public.update(kid=self.kid(entry.version), alg=self.algorithm, use="sig")
+            keys.append(public)
+        return {"keys": keys}
+
+    def check_ready(self) -> Deferred[None]:
+        return ensureDeferred(self.refresh())
+
+
+# -- options ------------------------------------------------------------------------------------
+
+_OPTIONS = frozenset({"url", "token_file", "token", "kubernetes_auth", "mount", "key_name", "create_key", "key_type",
+                      "rsa_algorithm", "key_refresh_secs", "publish_before_use_secs", "timeout_secs", "ca_file",
+                      "type"})
+
+
+def parse_options(raw: Mapping[str, Any]) -> VaultOptions:
+    problems = [f"{key}: unknown key" for key in raw if key not in _OPTIONS]
+    url = raw.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        problems.append("url: required for vault-transit (an http(s) URL)")
+    sources = [key for key in ("token", "token_file", "kubernetes_auth") if raw.get(key) is not None]
+    if len(sources) != 1:
+        problems.append("token, token_file, kubernetes_auth: give exactly one")
+    kubernetes = raw.get("kubernetes_auth")
+    role, mount, jwt_file = None, "kubernetes", None
+    if kubernetes is not None:
+        if not isinstance(kubernetes, Mapping) or not isinstance(kubernetes.get("role"), str):
+            problems.append("kubernetes_auth: must be a table with a role")
+        else:
+            role = kubernetes["role"]
+            mount = str(kubernetes.get("mount", "kubernetes"))
+            jwt_file = kubernetes.get("jwt_file")
+    key_type = raw.get("key_type", "ed25519")
+    if key_type not in KEY_TYPES:
+        problems.append(f"key_type: must be one of {', '.join(KEY_TYPES)}")
+    rsa_algorithm = raw.get("rsa_algorithm", "RS256")
+    if rsa_algorithm not in ("RS256", "PS256"):
+        problems.append("rsa_algorithm: must be RS256 or PS256")
+    numbers: dict[str, float] = {}
+    for key, default, minimum in (("key_refresh_secs", 60, 1), ("publish_before_use_secs", 0, 0),
+                                  ("timeout_secs", 5, 0.1)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            problems.append(f"{key}: must be a number of at least {minimum:g}")
+        else:
+            numbers[key] = float(value)
+    create_key = raw.get("create_key", True)
+    if not isinstance(create_key, bool):
+        problems.append("create_key: must be true or false")
+    for key in ("mount", "key_name", "token", "token_file", "ca_file"):
+        if raw.get(key) is not None and (not isinstance(raw[key], str) or not raw[key]):
+            problems.append(f"{key}: must be a non-empty string")
+    if problems:
+        raise PluginConfigError(*problems)
+    return VaultOptions(
+        url=str(url).rstrip("/"), key_name=raw.get("key_name", "signing-jwtlet_pc"), mount=raw.get("mount", "transit"),
+        token=raw.get("token"), token_file=raw.get("token_file"), kubernetes_role=role, kubernetes_mount=mount,
+        kubernetes_jwt_file=jwt_file, create_key=create_key, key_type=key_type, rsa_algorithm=rsa_algorithm,
+        ca_file=raw.get("ca_file"), **numbers,
+    )
+
+
+@implementer(IPlugin, ISignerFactory)
+@attrs.frozen
+class VaultTransitSignerFactory:
+    name: str = "vault-transit"
+    description: str = "signs with HashiCorp Vault's transit engine (keys never leave Vault)"
+
+    def build(self, options: Mapping[str, Any], context: PluginContext) -> VaultTransitSigner:
+        parsed = parse_options(options)
+        config = context.config
+        return VaultTransitSigner(
+            parsed, context.reactor, context.clock, float(config.token.token_ttl_secs), config.k8s.token_file)
+
+
+vault_transit = VaultTransitSignerFactory()
