@@ -10,7 +10,9 @@ Algorithms are pinned by key type; ``none`` and HMAC are never accepted.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit
@@ -41,6 +43,8 @@ from jwtlet.tokenfile import TokenFile
 log = Logger(namespace="jwtlet.validator.oidc")
 
 MAX_TOKEN_BYTES = 16 * 1024
+VALIDATED_CACHE_SECS = 60.0
+VALIDATED_CACHE_ENTRIES = 10_000
 UNKNOWN_KID_REFETCH_SECS = 10.0
 BACKOFF_FIRST_SECS = 1.0
 BACKOFF_MAX_SECS = 30.0
@@ -287,10 +291,17 @@ def check_claims(claims: Mapping[str, Any], audience: Optional[str], now: float,
 @implementer(IValidator, IReadiness)
 @attrs.define
 class OIDCValidator:
+    """
+    Validated tokens are remembered by their SHA-256 for at most
+    ``VALIDATED_CACHE_SECS`` (and never past ``exp``): a workload that
+    refreshes with the same token is not verified again each time.
+    """
+
     issuers: Mapping[str, Issuer]
     reactor: Any
     leeway: float
     on_jwks_refresh: Callable[[str], None] = lambda outcome: None
+    _validated: OrderedDict[bytes, tuple[Identity, float]] = attrs.field(factory=OrderedDict)
 
     def __attrs_post_init__(self) -> None:
         for issuer in self.issuers.values():
@@ -301,6 +312,20 @@ class OIDCValidator:
         return ensureDeferred(self._validate(token, audience))
 
     async def _validate(self, token: str, audience: Optional[str]) -> Identity:
+        now = self.reactor.seconds()
+        cache_key = hashlib.sha256(f"{audience}\0{token}".encode()).digest()
+        cached = self._validated.get(cache_key)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        identity = await self._verify(token, audience, now)
+        expires = identity.expires_at if identity.expires_at is not None else now
+        self._validated[cache_key] = (identity, min(expires + self.leeway, now + VALIDATED_CACHE_SECS))
+        self._validated.move_to_end(cache_key)
+        while len(self._validated) > VALIDATED_CACHE_ENTRIES:
+            self._validated.popitem(last=False)
+        return identity
+
+    async def _verify(self, token: str, audience: Optional[str], now: float) -> Identity:
         signed, header, claims = _unverified(token)
         named = claims.get("iss")
         issuer = self.issuers.get(named) if isinstance(named, str) else None
@@ -310,7 +335,6 @@ class OIDCValidator:
         kid = header.get("kid")
         if not isinstance(algorithm, str) or (kid is not None and not isinstance(kid, str)):
             raise TokenRejected("malformed header")
-        now = self.reactor.seconds()
         keys = await issuer.keys.current(now)
         found = keys.find(kid)
         if found is None and kid is not None:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import attrs
 from jwcrypto.common import json_encode
 from jwcrypto.jwk import JWK
-from jwcrypto.jws import JWS
+from jwcrypto.jws import JWSCore
 from twisted.internet.defer import Deferred, succeed
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -30,9 +30,11 @@ class LocalKeySigner:
 
     def sign(self, header: dict[str, Any], claims: dict[str, Any]) -> Deferred[str]:
         protected = dict(header, alg=self.algorithm, kid=self.signing_key.get("kid"))
-        jws = JWS(json_encode(claims).encode("utf-8"))
-        jws.add_signature(self.signing_key, alg=self.algorithm, protected=json_encode(protected))
-        return succeed(jws.serialize(compact=True))
+        # JWSCore rather than JWS: the same signing, without building a header
+        # registry per token (a measurable share of each exchange).
+        signed = JWSCore(self.algorithm, self.signing_key, json_encode(protected),
+                         json_encode(claims).encode("utf-8")).sign()
+        return succeed(f"{signed['protected']}.{signed['payload'].decode('ascii')}.{signed['signature']}")
 
     def public_jwks(self) -> Deferred[dict[str, Any]]:
         return succeed(self.jwks)

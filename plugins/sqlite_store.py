@@ -3,6 +3,9 @@ The ``sqlite`` store, the embedded default: one file, WAL journal, every write
 in a transaction, all database work on one dedicated thread so the reactor
 never waits on the disk.
 
+Resolves are answered from memory once read: this process is the file's only
+writer, so every change passes through it and empties that cache.
+
 Durability: ``synchronous=FULL`` makes each commit reach the disk before it is
 acknowledged, so neither a killed process nor a crashed machine loses a write
 that was answered 201.  (WAL with ``NORMAL`` would survive a killed process
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar
 
 import attrs
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -42,6 +46,8 @@ from jwtlet.model import ApiKeyRecord, Integration, Resolution, ResourceMapping,
 log = Logger(namespace="jwtlet.store.sqlite")
 
 T = TypeVar("T")
+
+RESOLVE_CACHE_ENTRIES = 10_000
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -139,6 +145,7 @@ class SQLiteStore(Service):
         self._connection: Optional[sqlite3.Connection] = None
         self._listeners: list[Callable[[], None]] = []
         self._stopping: Optional[Any] = None
+        self._resolved: OrderedDict[tuple[str, str, tuple[str, ...]], Resolution] = OrderedDict()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -214,6 +221,7 @@ class SQLiteStore(Service):
         return counts
 
     def _changed(self, result: T) -> T:
+        self._resolved.clear()
         for listener in list(self._listeners):
             listener()
         return result
@@ -318,7 +326,12 @@ class SQLiteStore(Service):
     def resolve(
         self, client_identifier: str, participant_context: str, scopes: Iterable[str]
     ) -> Deferred[Resolution]:
-        wanted = sorted(set(scopes))
+        wanted = tuple(sorted(set(scopes)))
+        key = (client_identifier, participant_context, wanted)
+        cached = self._resolved.get(key)
+        if cached is not None:
+            self._resolved.move_to_end(key)
+            return succeed(cached)
 
         def resolve() -> Resolution:
             rows = self._read(
@@ -334,7 +347,13 @@ class SQLiteStore(Service):
                     found[row["scope"]] = _scope(row)
             return Resolution(mapping=_mapping(rows[0]), scopes=found)
 
-        return self._run(resolve)
+        def remember(resolution: Resolution) -> Resolution:
+            self._resolved[key] = resolution
+            while len(self._resolved) > RESOLVE_CACHE_ENTRIES:
+                self._resolved.popitem(last=False)
+            return resolution
+
+        return self._run(resolve).addCallback(remember)
 
     # -- integrations and keys ----------------------------------------------------
 

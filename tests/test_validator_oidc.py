@@ -260,3 +260,25 @@ def test_option_problems_are_reported_together(tmp_path: Path) -> None:
     with pytest.raises(PluginConfigError) as raised:
         kubernetes_oidc.build({}, ctx)
     assert raised.value.messages == ("issuers: must list at least one issuer",)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_validated_token_is_remembered_briefly_and_never_past_exp(
+    tmp_path: Path, cluster: Cluster, clock: Clock
+) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(cluster.fake.jwks()))
+    validator = build(tmp_path, cluster, clock, issuers=[{"issuer": cluster.fake.issuer, "jwks_file": str(jwks)}],
+                      leeway_secs=0)
+    long_lived = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE], ttl=3600)
+    short_lived = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE], ttl=5)
+    for token in (long_lived, short_lived):
+        await validator.validate(token, CLIENT_AUDIENCE)
+    jwks.write_text(json.dumps({"keys": []}))  # keys gone: only remembered results can pass now
+    await validator.validate(long_lived, CLIENT_AUDIENCE)
+    clock.advance(6)
+    await rejected(validator, short_lived)
+    await validator.validate(long_lived, CLIENT_AUDIENCE)
+    clock.advance(60)
+    await rejected(validator, long_lived)
+    await rejected(validator, long_lived, audience="another-audience")
