@@ -187,7 +187,6 @@ def write_config(workdir: Path, signer: dict[str, Any], extra: Optional[dict[str
         "token": {"client_audience": DEV_CLIENT_AUDIENCE, "audience": "bench-service"},
         "signer": signer,
         "service_accounts": {"system:serviceaccount:bench:admin": ["management:write"]},
-        "logging": {"level": "warn"},
     }
     raw.update(extra or {})
     path = workdir / "jwtlet.yaml"

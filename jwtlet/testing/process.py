@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Optional, Sequence
 
@@ -23,6 +24,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def bin_path(name: str) -> str:
@@ -117,17 +126,16 @@ class DaemonProcess:
                 return line
 
     def wait_listening(self, timeout: float = 30.0) -> None:
-        """Wait until both sites log that they listen."""
-        waiting = {str(self.token_port), str(self.management_port)}
-
-        def listening(name: str, line: str) -> bool:
-            if name == "stdout" and "starting on" in line:
-                for port in list(waiting):
-                    if f"starting on {port}" in line:
-                        waiting.discard(port)
-            return not waiting
-
-        self.wait_for(listening, timeout)
+        """Wait (bounded) until both sites accept connections, whatever the log level."""
+        deadline = time.monotonic() + timeout
+        pause = threading.Event()
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the daemon exited with {self.process.returncode}: {self.output()}")
+            if all(_accepts(port) for port in (self.token_port, self.management_port)):
+                return
+            pause.wait(0.05)
+        raise AssertionError(f"the daemon did not listen within {timeout}s: {self.output()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Send ``sig`` and return the exit status (negative: killed by a signal)."""
