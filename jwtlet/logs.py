@@ -26,6 +26,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 OBSERVER_NAME = "jwtlet.logs.observer"
@@ -102,11 +103,35 @@ def to_json(event: Mapping[str, Any]) -> str:
 @implementer(ILogObserver)
 @attrs.define
 class JSONLineObserver:
+    """
+    Writes one JSON line per event.  With a ``reactor``, lines logged in the
+    reactor thread are written together once per reactor turn (one write and
+    flush for all the lines of a busy turn instead of one per line); lines
+    from other threads, and every line once the reactor stops, go out at once.
+    """
+
     stream: IO[str]
+    reactor: Any = None
+    _pending: list[str] = attrs.field(factory=list)
+    _scheduled: bool = False
 
     def __call__(self, event: Mapping[str, Any]) -> None:
-        self.stream.write(to_json(event) + "\n")
-        self.stream.flush()
+        line = to_json(event) + "\n"
+        if self.reactor is None or not self.reactor.running or not isInIOThread():
+            self.stream.write(line)
+            self.stream.flush()
+            return
+        self._pending.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        lines, self._pending = self._pending, []
+        if lines:
+            self.stream.write("".join(lines))
+            self.stream.flush()
 
 
 def _stream(logfile: Optional[str]) -> IO[str]:
@@ -119,8 +144,14 @@ def observer() -> ILogObserver:
     """The observer twistd's ``--logger`` names: format and level from config."""
     settings = _settings
     stream = _stream(settings.logfile)
-    inner: ILogObserver = (
-        JSONLineObserver(stream) if settings.format == "json" else textFileLogObserver(stream)
-    )
+    inner: ILogObserver
+    if settings.format == "json":
+        from twisted.internet import reactor
+
+        lines = JSONLineObserver(stream, reactor)
+        reactor.addSystemEventTrigger("after", "shutdown", lines.flush)
+        inner = lines
+    else:
+        inner = textFileLogObserver(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS.get(settings.level.lower(), LogLevel.info))
     return FilteringLogObserver(inner, [predicate])
