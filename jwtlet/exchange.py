@@ -47,6 +47,25 @@ def parse_form(body: bytes) -> dict[str, list[str]]:
         raise policy.invalid_request("malformed form body") from None
 
 
+def form_fields(request: IRequest, body: bytes) -> dict[str, list[str]]:
+    """
+    The fields of an urlencoded body.  Twisted has already parsed it into
+    ``request.args`` (together with any query string): that parse is reused
+    when there is no query string to mix in, else the body is parsed alone.
+    """
+    if b"?" in request.uri or not request.args:
+        return parse_form(body)
+    if sum(len(values) for values in request.args.values()) > MAX_FORM_FIELDS:
+        raise policy.invalid_request("malformed form body")
+    try:
+        return {
+            name.decode("utf-8"): [value.decode("utf-8") for value in values]
+            for name, values in request.args.items()
+        }
+    except UnicodeDecodeError:
+        raise policy.invalid_request("malformed form body") from None
+
+
 def error_body(error: ExchangeError) -> dict[str, str]:
     if not error.description:
         return {"error": error.code}
@@ -101,7 +120,7 @@ class TokenExchangeAPI:
             raise
         if media_type(request) != FORM:
             raise policy.invalid_request(f"the body must be {FORM}")
-        token_request = policy.parse_token_request(parse_form(body), self.require_subject_token_type)
+        token_request = policy.parse_token_request(form_fields(request, body), self.require_subject_token_type)
         if token_request.is_api_key:
             return await self.api_key_via_token_endpoint(request, token_request)
         issued = await self.issuer.exchange(token_request)

@@ -246,3 +246,12 @@ def test_replayed_subject_tokens_are_refused_when_configured(tmp_path: Path) -> 
     assert_refused(exchange(apps, subject_token="token-once"), 400, "invalid_grant")
     assert exchange(apps).code == 200, "tokens without a jti are not subject to replay detection"
     assert exchange(apps).code == 200
+
+
+def test_query_string_parameters_are_not_mixed_into_the_form(apps: Apps) -> None:
+    reply = call(apps.token, "POST", f"{URL}/token?resource=other&scope=admin", data={
+        "grant_type": policy.GRANT_TYPE_TOKEN_EXCHANGE, "subject_token": "token-workload", "resource": "ctx"})
+    assert reply.code == 200, reply.body
+    too_many = "&".join(f"f{index}=x" for index in range(100))
+    reply = call(apps.token, "POST", f"{URL}/token", data=too_many.encode(), headers=FORM)
+    assert_refused(reply, 400, "invalid_request")
