@@ -26,6 +26,7 @@ from jwtlet.apikey_exchange import ApiKeyExchange, ApiKeyVerifier
 from jwtlet.config import Config, ConfigError
 from jwtlet.discovery import Discovered, build, discover
 from jwtlet.exchange import TokenExchangeAPI
+from jwtlet.extauthz import build_ext_authz
 from jwtlet.httpclient import build_http_client, close_http_client
 from jwtlet.interfaces import Conflict, PluginConfigError, PluginContext
 from jwtlet.issuer import Signing, TokenIssuer
@@ -312,6 +313,14 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
 
     apis = build_apis(config, providers, reactor, metrics)
     token_api, management_api = apis.token_api, apis.management_api
+    ext_authz = None
+    if config.ext_authz is not None:
+        try:
+            ext_authz = build_ext_authz(
+                config, discovered, attrs.evolve(context, store=providers.store), apis.issuer, metrics)
+        except PluginConfigError as error:
+            raise ConfigError(list(error.messages)) from None
+        token_api.ext_authz = ext_authz.http_resource
     sites = [
         DrainingSite(token_api.app.resource()),
         DrainingSite(management_api.app.resource()),
@@ -324,6 +333,11 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
             provider.setServiceParent(daemon)
     if config.dev:
         DevSeed(providers.store).setServiceParent(daemon)
+    if ext_authz is not None:
+        if IService.providedBy(ext_authz.decider.validator):
+            ext_authz.decider.validator.setServiceParent(daemon)
+        if ext_authz.grpc_service is not None:
+            ext_authz.grpc_service.setServiceParent(daemon)
     DrainService(sites, reactor).setServiceParent(daemon)
     for description, site in zip(
         (config.token_exchange_description(), config.management_description()), sites, strict=True

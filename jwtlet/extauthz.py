@@ -1,0 +1,159 @@
+"""
+The Envoy ext_authz front, independent of transport: check the workload's
+``authorization`` header, then swap its token for one valid in the target
+cluster (``kubernetes-tokenrequest``) or for a jwtlet-signed JWT (``jwt``).
+Dependencies down raise :class:`DependencyUnavailable`: the transports turn
+that into 503 / UNAVAILABLE, never into an allow.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import attrs
+from twisted.logger import Logger, LogLevel
+
+from jwtlet._async import as_deferred
+from jwtlet.config import Config
+from jwtlet.discovery import Discovered, build
+from jwtlet.httpclient import build_http_client
+from jwtlet.interfaces import DependencyUnavailable, PluginContext, TokenRejected
+from jwtlet.issuer import TokenIssuer
+from jwtlet.logs import emit
+from jwtlet.management import bearer_token
+from jwtlet.metrics import Metrics
+from jwtlet.policy import ExchangeError, TokenRequest
+from jwtlet.tokenfile import TokenFile
+from jwtlet.tokenrequest import Denied, TokenRequestClient
+
+log = Logger(namespace="jwtlet.ext_authz")
+
+
+@attrs.frozen
+class Decision:
+    allowed: bool
+    status: int
+    token: Optional[str] = attrs.field(default=None, repr=False)
+    reason: str = ""
+
+    @classmethod
+    def allow(cls, token: str) -> Decision:
+        return cls(True, 200, token)
+
+    @classmethod
+    def deny(cls, status: int, reason: str) -> Decision:
+        return cls(False, status, None, reason)
+
+
+@attrs.define
+class TokenRequestExchange:
+    client: TokenRequestClient
+    metrics: Metrics
+
+    async def exchange(self, identity: Any, resource: Optional[str]) -> Decision:
+        if not identity.namespace or not identity.name:
+            return Decision.deny(403, "not a service account")
+        try:
+            issued, cached = await self.client.token_for(identity.namespace, identity.name, identity.uid)
+        except Denied:
+            return Decision.deny(403, "no such service account in the target cluster")
+        if cached:
+            self.metrics.ext_authz_cache_hits.inc()
+        return Decision.allow(issued.token)
+
+
+@attrs.define
+class JwtExchange:
+    issuer: TokenIssuer
+
+    async def exchange(self, identity: Any, resource: Optional[str]) -> Decision:
+        if not resource:
+            return Decision.deny(403, "no participant context requested")
+        request = TokenRequest(subject_token="", subject_token_type=None, resource=resource)
+        try:
+            issued = await self.issuer.issue_for(identity, request)
+        except ExchangeError as refusal:
+            if refusal.status == 503:
+                raise DependencyUnavailable(refusal.description, refusal.retry_after or 5) from None
+            return Decision.deny(403, refusal.code)
+        return Decision.allow(issued.access_token)
+
+
+@attrs.define
+class ExtAuthz:
+    validator: Any
+    audience: Optional[str]
+    exchanger: Any
+    resource_header: str
+    metrics: Metrics
+
+    async def check(self, headers: Mapping[str, str], mode: str,
+                    context_extensions: Optional[Mapping[str, str]] = None) -> Decision:
+        """``headers`` with lower-cased names, as Envoy sends them."""
+        try:
+            decision = await self._decide(headers, context_extensions or {})
+        except DependencyUnavailable:
+            self.metrics.ext_authz_checks.labels(mode, "error").inc()
+            raise
+        outcome = "allowed" if decision.allowed else "denied"
+        self.metrics.ext_authz_checks.labels(mode, outcome).inc()
+        emit(log, f"ext_authz.{outcome}", LogLevel.info, mode=mode, status=decision.status,
+             reason=decision.reason or None)
+        return decision
+
+    async def _decide(self, headers: Mapping[str, str], extensions: Mapping[str, str]) -> Decision:
+        token = bearer_token((headers.get("authorization") or "").encode("latin-1", "replace"))
+        if token is None:
+            return Decision.deny(401, "missing or malformed bearer token")
+        try:
+            identity = await as_deferred(self.validator.validate(token, self.audience))
+        except TokenRejected as error:
+            log.info("ext_authz token rejected: {reason}", reason=str(error))
+            return Decision.deny(401, "token rejected")
+        resource = extensions.get("resource") or headers.get(self.resource_header)
+        decision: Decision = await self.exchanger.exchange(identity, resource)
+        return decision
+
+
+@attrs.frozen
+class ExtAuthzParts:
+    """What the daemon mounts: the decision, and the HTTP resource / gRPC service when on."""
+
+    decider: ExtAuthz
+    http_resource: Any
+    grpc_service: Any
+
+
+def build_ext_authz(
+    config: Config, discovered: Discovered, context: PluginContext, issuer: TokenIssuer, metrics: Metrics
+) -> ExtAuthzParts:
+    from jwtlet.extauthz_grpc import GrpcService
+    from jwtlet.extauthz_http import ExtAuthzHTTP
+
+    settings = config.ext_authz
+    assert settings is not None
+    options = dict(settings.validator.options)
+    section = attrs.evolve(settings.validator, options=options, section="ext_authz.validator")
+    validator = build(discovered, "validator", section, context)
+    exchanger: Any
+    if settings.exchange == "kubernetes-tokenrequest":
+        target = settings.target_cluster
+        assert target is not None
+        exchanger = TokenRequestExchange(
+            TokenRequestClient(
+                api_server_url=target.api_server_url,
+                own_token=TokenFile(target.token_file),
+                http_client=build_http_client(context.reactor, ca_file=target.ca_file),
+                clock=context.clock,
+                audiences=target.audiences,
+                expiration_secs=target.expiration_secs,
+            ),
+            metrics,
+        )
+    else:
+        exchanger = JwtExchange(issuer)
+    decider = ExtAuthz(validator, settings.audience, exchanger, settings.resource_header, metrics)
+    http_resource = ExtAuthzHTTP(decider).app.resource() if settings.http else None
+    grpc_service = (GrpcService(decider, settings.grpc_endpoint, context.reactor)
+                    if settings.grpc_endpoint else None)
+    return ExtAuthzParts(decider, http_resource, grpc_service)

@@ -1,0 +1,115 @@
+"""
+Envoy ext_authz gRPC mode: ``envoy.service.auth.v3.Authorization/Check`` and
+``grpc.health.v1.Health``, served by grpcio on its own listener.
+
+Why a thread bridge rather than ``grpc.aio``: the daemon runs on Twisted's
+default reactor (``grpc.aio`` would need the asyncio reactor for the whole
+process, stores and HTTP clients included).  grpcio's synchronous server
+runs each RPC on a worker thread, which hands the decision to the reactor
+with ``blockingCallFromThread`` and only waits; the reactor never blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+
+from jwtlet.extauthz import Decision, ExtAuthz
+from jwtlet.interfaces import DependencyUnavailable, PluginConfigError
+
+AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+_TCP = re.compile(r"^tcp:(?P<port>\d+)(?::interface=(?P<interface>[^:]+))?$")
+
+
+def grpc_address(description: str) -> str:
+    """A Twisted ``tcp:PORT[:interface=ADDR]`` description as grpcio's ``ADDR:PORT``."""
+    match = _TCP.match(description)
+    if match is None:
+        raise PluginConfigError(
+            f"ext_authz.grpc_endpoint: {description!r} is not supported (use tcp:PORT[:interface=ADDR])")
+    interface = match.group("interface") or "0.0.0.0"  # noqa: S104 - Twisted's tcp default
+    return f"{interface}:{match.group('port')}"
+
+
+def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+    response = external_auth_pb2.CheckResponse()
+    if decision.allowed:
+        response.status.code = code_pb2.OK
+        option = response.ok_response.headers.add()
+        option.header.key = "authorization"
+        option.header.value = f"Bearer {decision.token}"
+        option.append_action = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        return response
+    unauthenticated = decision.status == 401
+    response.status.code = code_pb2.UNAUTHENTICATED if unauthenticated else code_pb2.PERMISSION_DENIED
+    response.denied_response.status.code = (
+        http_status_pb2.Unauthorized if unauthenticated else http_status_pb2.Forbidden)
+    response.denied_response.body = json.dumps({"error": "unauthorized" if unauthenticated else "forbidden"})
+    return response
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, decider: ExtAuthz, reactor: Any):
+        self.decider = decider
+        self.reactor = reactor
+
+    def Check(self, request: Any, context: Any) -> external_auth_pb2.CheckResponse:  # noqa: N802 - gRPC name
+        http = request.attributes.request.http
+        headers = {name.lower(): value for name, value in http.headers.items()}
+        extensions = dict(request.attributes.context_extensions)
+        def decide() -> Deferred[Decision]:
+            return ensureDeferred(self.decider.check(headers, "grpc", extensions))
+
+        try:
+            decision: Decision = blockingCallFromThread(self.reactor, decide)  # type: ignore[arg-type]
+        except DependencyUnavailable:
+            # An RPC error, not a CheckResponse: Envoy applies its failure policy.
+            context.abort(grpc.StatusCode.UNAVAILABLE, "a dependency is unavailable")
+        return check_response(decision)
+
+
+class GrpcService(Service):
+    """The gRPC listener, started and stopped with the daemon."""
+
+    def __init__(self, decider: ExtAuthz, description: str, reactor: Any, workers: int = 8):
+        self.address = grpc_address(description)
+        self.decider = decider
+        self.reactor = reactor
+        self.workers = workers
+        self.server: Optional[grpc.Server] = None
+        self.port: Optional[int] = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        server = grpc.server(ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="jwtlet-grpc"))
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationServicer(self.decider, self.reactor), server)
+        checker = health.HealthServicer()
+        for service in ("", AUTHORIZATION_SERVICE):
+            checker.set(service, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+        self.port = server.add_insecure_port(self.address)
+        server.start()
+        self.server = server
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        server, self.server = self.server, None
+        if server is None:
+            done: Deferred[Any] = Deferred()
+            done.callback(None)
+            return done
+        stopped = server.stop(grace=5)
+        return deferToThread(stopped.wait, 10)
