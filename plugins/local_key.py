@@ -77,7 +77,10 @@ class LocalKeySignerFactory:
         if problems:
             raise PluginConfigError(*problems)
         if generate is True and paths and not paths[0].exists():
-            keys.write_new(paths[0], keys.generate(preferred or "EdDSA"))
+            try:
+                keys.write_new(paths[0], keys.generate(preferred or "EdDSA"))
+            except FileExistsError:
+                pass  # another process (a replica starting beside us) wrote it first: use theirs
         loaded = []
         for path in paths:
             try:
