@@ -44,6 +44,22 @@ SCOPE_WRITE = "jwtlet:management:scope:write"
 APIKEYS_WRITE = "jwtlet:management:apikeys:write"
 ALL_WRITE = "management:write"
 
+# Tiers are stored as 32-bit integers (PostgreSQL INTEGER).
+MAX_TIER = 2**31 - 1
+
+
+# Routes over a path whose shape decides the methods take every method and
+# check it themselves, so that 405 and its Allow header fit the shape.
+ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def only(request: IRequest, *allowed: str) -> None:
+    """405 with ``Allow`` unless the request uses one of ``allowed`` (HEAD goes with GET)."""
+    method = request.method.decode("ascii", "replace")
+    permitted = set(allowed) | ({"HEAD"} if "GET" in allowed else set())
+    if method not in permitted:
+        raise method_not_allowed(*sorted(permitted))
+
 
 def may(roles: frozenset[str], needed: str) -> bool:
     """Write roles do not imply read; ``management:write`` implies everything."""
@@ -206,17 +222,17 @@ class ManagementAPI:
         )
         return json_response(request, resources.mapping_to_json(mapping), 201, {"Location": location})
 
-    @app.route(f"{PREFIX}/mappings/<path:_rest>", methods=["GET", "PUT", "DELETE"])
+    @app.route(f"{PREFIX}/mappings/<path:_rest>", methods=ANY_METHOD)
     async def mapping(self, request: IRequest, _rest: str) -> bytes:
         segments = self.segments(request, "/mappings/")
         if len(segments) == 1:
             self.count(request, "/api/v1/mappings/{client}")
-            if request.method != b"DELETE":
-                raise method_not_allowed("DELETE")
+            only(request, "DELETE")
             return await self.delete_client(request, segments[0])
         if len(segments) != 2:
             raise not_found()
         self.count(request, "/api/v1/mappings/{client}/{context}")
+        only(request, "GET", "PUT", "DELETE")
         client, context = segments
         subject = {"clientIdentifier": client, "participantContext": context}
         if request.method == b"GET":
@@ -274,12 +290,13 @@ class ManagementAPI:
         location = f"{PREFIX}/scopes/{quote(scope.scope, safe='')}"
         return json_response(request, resources.scope_to_json(scope), 201, {"Location": location})
 
-    @app.route(f"{PREFIX}/scopes/<path:_rest>", methods=["GET", "PUT", "DELETE"])
+    @app.route(f"{PREFIX}/scopes/<path:_rest>", methods=ANY_METHOD)
     async def scope(self, request: IRequest, _rest: str) -> bytes:
         segments = self.segments(request, "/scopes/")
         if len(segments) != 1:
             raise not_found()
         self.count(request, "/api/v1/scopes/{scope}")
+        only(request, "GET", "PUT", "DELETE")
         name = segments[0]
         if request.method == b"GET":
             await self.authorise(request, READ)
@@ -323,9 +340,7 @@ class ManagementAPI:
         integration_id = body.get("integrationId")
         if not isinstance(integration_id, str) or not apikeys.valid_id(integration_id):
             raise bad_request("integrationId must be 1 to 64 letters, digits, '-' or '_'")
-        description = body.get("description", "")
-        if not isinstance(description, str):
-            raise bad_request("description must be a string")
+        description = self.description(body)
         integration = Integration(integration_id=integration_id, description=description)
 
         async def add() -> None:
@@ -337,18 +352,16 @@ class ManagementAPI:
         await self.change(caller, "integration.created", {"integrationId": integration_id}, add)
         return json_response(request, resources.integration_to_json(integration), 201)
 
-    @app.route(f"{PREFIX}/integrations/<path:_rest>", methods=["POST", "DELETE"])
+    @app.route(f"{PREFIX}/integrations/<path:_rest>", methods=ANY_METHOD)
     async def integration_keys(self, request: IRequest, _rest: str) -> bytes:
         segments = self.segments(request, "/integrations/")
         if len(segments) == 2 and segments[1] == "keys":
             self.count(request, "/api/v1/integrations/{id}/keys")
-            if request.method != b"POST":
-                raise method_not_allowed("POST")
+            only(request, "POST")
             return await self.create_key(request, segments[0])
         if len(segments) == 3 and segments[1] == "keys":
             self.count(request, "/api/v1/integrations/{id}/keys/{keyId}")
-            if request.method != b"DELETE":
-                raise method_not_allowed("DELETE")
+            only(request, "DELETE")
             caller = await self.authorise(request, APIKEYS_WRITE)
             integration_id, key_id = segments[0], segments[2]
             await self.change(
@@ -364,11 +377,9 @@ class ManagementAPI:
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object")
         tier = body.get("tier", 0)
-        if isinstance(tier, bool) or not isinstance(tier, int):
-            raise bad_request("tier must be an integer")
-        description = body.get("description", "")
-        if not isinstance(description, str):
-            raise bad_request("description must be a string")
+        if isinstance(tier, bool) or not isinstance(tier, int) or not 0 <= tier <= MAX_TIER:
+            raise bad_request(f"tier must be an integer from 0 to {MAX_TIER}")
+        description = self.description(body)
         key_id = body.get("keyId")
         if key_id is not None and (not isinstance(key_id, str) or not apikeys.valid_id(key_id)):
             raise bad_request("keyId must be 1 to 64 letters, digits, '-' or '_'")
@@ -401,6 +412,12 @@ class ManagementAPI:
             raise not_found()
         request.setHeader(b"Content-Type", CONTENT_TYPE.encode())
         return self.metrics.exposition()
+
+    def description(self, body: Mapping[str, Any]) -> str:
+        description = body.get("description", "")
+        if not isinstance(description, str) or len(description) > resources.MAX_IDENTIFIER:
+            raise bad_request(f"description must be a string of at most {resources.MAX_IDENTIFIER} characters")
+        return description
 
     def segments(self, request: IRequest, collection: str) -> list[str]:
         try:

@@ -191,3 +191,11 @@ def test_metrics_endpoint(apps: Apps) -> None:
     assert reply.code == 200
     assert reply.header("Content-Type").startswith("text/plain")
     assert 'jwtlet_management_requests_total{route="/api/v1/mappings",status="200"} 1.0' in reply.body.decode()
+
+
+def test_key_fields_out_of_range_are_400_not_500(apps: Apps) -> None:
+    assert api(apps, "POST", "/integrations", {"integrationId": "acme"}).code == 201
+    for body in ({"tier": 2**64}, {"tier": -1}, {"tier": True}, {"description": "x" * 1025}, {"description": 5}):
+        reply = api(apps, "POST", "/integrations/acme/keys", body)
+        assert reply.code == 400, body
+    assert api(apps, "POST", "/integrations/acme/keys", {"tier": 2**31 - 1}).code == 201
