@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 import treq
 import yaml
+from postgres_fixtures import postgres_server, postgres_url  # noqa: F401 - fixtures
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -22,7 +23,6 @@ from twisted.internet.threads import deferToThread
 from jwtlet import devissuer
 from jwtlet.config import DEV_ISSUER, DEV_ISSUER_JWKS
 from jwtlet.testing.process import DaemonProcess
-from postgres_fixtures import postgres_server, postgres_url  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
