@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit
 
 import attrs
-from jwcrypto.common import JWException
+from jwcrypto.common import JWException, base64url_decode
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -251,12 +251,26 @@ def _unverified(token: str) -> tuple[JWS, Mapping[str, Any], Mapping[str, Any]]:
     try:
         signed.deserialize(token)
         header = signed.jose_header
-        claims = json.loads(signed.objects["payload"])
+        # Duplicate members are refused outright (RFC 7515 §4): parsers that
+        # keep the first and parsers that keep the last would disagree.
+        _strict_json(base64url_decode(token.split(".", 1)[0]))
+        claims = _strict_json(signed.objects["payload"])
     except (JWException, ValueError, KeyError, TypeError) as error:
         raise TokenRejected(f"malformed token ({type(error).__name__})") from None
     if not isinstance(header, Mapping) or not isinstance(claims, Mapping):
         raise TokenRejected("malformed token")
     return signed, header, claims
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise ValueError("duplicate member")
+    return members
+
+
+def _strict_json(data: bytes) -> Any:
+    return json.loads(data, object_pairs_hook=_no_duplicates)
 
 
 def _number(claims: Mapping[str, Any], name: str) -> Optional[float]:
