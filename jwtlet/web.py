@@ -20,6 +20,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from jwtlet._async import as_deferred
 from jwtlet.interfaces import DependencyUnavailable, IReadiness
@@ -65,6 +66,8 @@ def add_error_handlers(app: Klein) -> None:
     ``app`` is the class attribute of an API class, so Klein passes the API
     instance first (as ``self``); these handlers do not need it.
     """
+    # An empty path segment ("//") is a 404 here, not a redirect to a merged path.
+    app.url_map.merge_slashes = False
 
     @app.handle_errors(APIError)
     def api_error(self: Any, request: IRequest, failure: Failure) -> bytes:
@@ -91,6 +94,11 @@ def add_error_handlers(app: Klein) -> None:
     @app.handle_errors(NotFound)
     def not_found(self: Any, request: IRequest, failure: Failure) -> bytes:
         return json_response(request, {"error": "not_found"}, 404)
+
+    @app.handle_errors(RequestRedirect)
+    def redirect(self: Any, request: IRequest, failure: Failure) -> bytes:
+        target = cast(RequestRedirect, failure.value).new_url
+        return json_response(request, {"error": "moved", "location": target}, 308, {"Location": target})
 
     @app.handle_errors(HTTPException)
     def http_exception(self: Any, request: IRequest, failure: Failure) -> bytes:
