@@ -237,3 +237,20 @@ def test_option_problems() -> None:
         "rsa_algorithm: must be RS256 or PS256",
         "timeout_secs: must be a number of at least 0.1",
     ])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_vault_slower_than_the_timeout_is_503_not_a_hang(tmp_path: Path, vault: RunningVault) -> None:
+    from twisted.internet import reactor
+
+    signer = build_signer(tmp_path, vault, timeout_secs=0.2)
+    signer.clock = reactor
+    try:
+        await signer.sign({"typ": "JWT"}, {"sub": "x"})
+        vault.fake.latency = 2.0  # without the timeout the signature would simply arrive late
+        with pytest.raises(DependencyUnavailable):
+            await signer.sign({"typ": "JWT"}, {"sub": "x"})
+        vault.fake.latency = 0.0
+        await signer.sign({"typ": "JWT"}, {"sub": "x"})
+    finally:
+        await stopped(signer)
