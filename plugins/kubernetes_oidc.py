@@ -21,7 +21,7 @@ import attrs
 from jwcrypto.common import JWException, base64url_decode
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -323,14 +323,14 @@ class OIDCValidator:
                 issuer.keys.on_refresh = lambda outcome: self.on_jwks_refresh(outcome)
 
     def validate(self, token: str, audience: Optional[str]) -> Deferred[Identity]:
-        return ensureDeferred(self._validate(token, audience))
-
-    async def _validate(self, token: str, audience: Optional[str]) -> Identity:
         now = self.reactor.seconds()
         cache_key = hashlib.sha256(f"{audience}\0{token}".encode()).digest()
         cached = self._validated.get(cache_key)
         if cached is not None and now < cached[1]:
-            return cached[0]
+            return succeed(cached[0])
+        return ensureDeferred(self._validate(token, audience, now, cache_key))
+
+    async def _validate(self, token: str, audience: Optional[str], now: float, cache_key: bytes) -> Identity:
         identity = await self._verify(token, audience, now)
         expires = identity.expires_at if identity.expires_at is not None else now
         self._validated[cache_key] = (identity, min(expires + self.leeway, now + VALIDATED_CACHE_SECS))
