@@ -5,13 +5,17 @@ trusts the system store plus an optional extra CA file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
 from treq.client import HTTPClient
 from twisted.internet import ssl
+from twisted.internet.defer import CancelledError
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
+
+from jwtlet.interfaces import DependencyUnavailable
 
 
 def tls_policy(ca_file: Optional[str]) -> IPolicyForHTTPS:
@@ -69,3 +73,32 @@ def close_http_client(client: HTTPClient) -> Any:
     if pool is None:
         return None
     return pool.closeCachedConnections()
+
+
+async def post_json(
+    client: HTTPClient, url: str, body: Any, bearer: str, timeout: float, clock: Any, peer: str
+) -> tuple[int, Any]:
+    """
+    POST ``body`` as JSON with a bearer token; the status and the decoded
+    answer (``None`` when it is not JSON).  Connection failures and timeouts
+    are :class:`DependencyUnavailable`, named after ``peer``.
+    """
+    headers: dict[Any, Any] = {"Authorization": [f"Bearer {bearer}"], "Content-Type": ["application/json"],
+                               "Accept": ["application/json"]}
+    try:
+        response = await client.post(
+            url,
+            data=json.dumps(body).encode(),
+            headers=headers,
+            timeout=timeout,
+            reactor=clock,
+        )
+        content = await response.content()
+    except CancelledError:
+        raise DependencyUnavailable(f"{peer}: timed out") from None
+    except Exception as error:
+        raise DependencyUnavailable(f"{peer}: {type(error).__name__}") from None
+    try:
+        return response.code, json.loads(content)
+    except ValueError:
+        return response.code, None

@@ -7,15 +7,14 @@ shortly before it expires.
 from __future__ import annotations
 
 import calendar
-import json
 import time
 from collections import OrderedDict
 from typing import Any, Optional
 
 import attrs
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
+from jwtlet.httpclient import post_json
 from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.tokenfile import TokenFile
 
@@ -93,18 +92,5 @@ class TokenRequestClient:
             own = self.own_token.refused() if refresh else self.own_token.read()
         except (OSError, ValueError) as error:
             raise DependencyUnavailable(f"target cluster token: {error}") from None
-        try:
-            response = await self.http_client.post(
-                self.api_server_url + path, data=json.dumps(body).encode(),
-                headers={"Authorization": [f"Bearer {own}"], "Content-Type": ["application/json"]},
-                timeout=self.timeout, reactor=self.clock,
-            )
-            content = await response.content()
-        except CancelledError:
-            raise DependencyUnavailable("TokenRequest: timed out") from None
-        except Exception as error:
-            raise DependencyUnavailable(f"TokenRequest: {type(error).__name__}") from None
-        try:
-            return response.code, json.loads(content)
-        except ValueError:
-            return response.code, None
+        return await post_json(self.http_client, self.api_server_url + path, body, own, self.timeout, self.clock,
+                               "TokenRequest")

@@ -14,13 +14,13 @@ from typing import Any, Mapping, Optional
 import attrs
 from jwcrypto.common import JWException
 from jwcrypto.jws import JWS
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from jwtlet import k8s_identity
-from jwtlet.httpclient import build_http_client
+from jwtlet.httpclient import build_http_client, post_json
 from jwtlet.interfaces import (
     DependencyUnavailable,
     IReadiness,
@@ -142,24 +142,8 @@ class TokenReviewValidator:
             raise DependencyUnavailable(f"own service account token: {error}") from None
 
     async def _post(self, body: dict[str, Any], own_token: str) -> tuple[int, Any]:
-        try:
-            response = await self.http_client.post(
-                self.api_server_url + TOKENREVIEW_PATH,
-                data=json.dumps(body).encode(),
-                headers={"Authorization": [f"Bearer {own_token}"], "Content-Type": ["application/json"],
-                         "Accept": ["application/json"]},
-                timeout=self.timeout,
-                reactor=self.reactor,
-            )
-            content = await response.content()
-        except CancelledError:
-            raise DependencyUnavailable("TokenReview: timed out") from None
-        except Exception as error:
-            raise DependencyUnavailable(f"TokenReview: {type(error).__name__}") from None
-        try:
-            return response.code, json.loads(content)
-        except ValueError:
-            return response.code, None
+        return await post_json(self.http_client, self.api_server_url + TOKENREVIEW_PATH, body, own_token,
+                               self.timeout, self.reactor, "TokenReview")
 
     def check_ready(self) -> Deferred[None]:
         try:

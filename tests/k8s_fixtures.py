@@ -56,3 +56,4 @@ async def stopping(cluster: Cluster) -> AsyncIterator[Cluster]:
         yield cluster
     finally:
         await cluster.stop()
+

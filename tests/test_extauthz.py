@@ -7,7 +7,6 @@ gRPC mode with grpcio's AuthorizationStub, against a fake workload cluster
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -47,13 +46,6 @@ class Front:
                                          ("https://kubernetes.default.svc",), 3600)
         self.decider = ExtAuthz(validator, AUDIENCE, TokenRequestExchange(self.client, self.metrics),
                                 "x-jwtlet-resource", self.metrics)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    clock = Clock()
-    clock.advance(time.time())
-    return clock
 
 
 @pytest_twisted.async_yield_fixture

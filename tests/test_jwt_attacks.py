@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -21,7 +20,7 @@ from jwcrypto.common import json_encode
 from jwcrypto.jwe import JWE
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
-from k8s_fixtures import CLIENT_AUDIENCE, Cluster, plugin_context, start_cluster, stopping
+from k8s_fixtures import CLIENT_AUDIENCE, Cluster, plugin_context
 from twisted.internet.task import Clock
 
 from jwtlet.interfaces import TokenRejected
@@ -31,20 +30,6 @@ from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    clock = Clock()
-    clock.advance(time.time())
-    return clock
-
-
-@pytest_twisted.async_yield_fixture
-async def cluster(clock: Clock) -> AsyncIterator[Cluster]:
-    async for running in stopping(await start_cluster(clock)):
-        running.fake.add_service_account("ns", "app")
-        yield running
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ token files, Kubernetes login and renewal, outages and recovery.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -25,13 +24,6 @@ from jwtlet.testing.signer_conformance import assert_signer_conforms
 async def vault() -> AsyncIterator[RunningVault]:
     async for running in running_vault():
         yield running
-
-
-@pytest.fixture
-def clock() -> Clock:
-    clock = Clock()
-    clock.advance(time.time())
-    return clock
 
 
 async def stopped(signer: Any) -> None:

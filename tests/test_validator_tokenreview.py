@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_twisted
-from k8s_fixtures import CLIENT_AUDIENCE, Cluster, plugin_context, start_cluster, stopping
+from k8s_fixtures import CLIENT_AUDIENCE, Cluster, plugin_context
 from twisted.internet.task import Clock
 
 from jwtlet.httpclient import close_http_client
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, TokenRejected
 from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
-
-
-@pytest.fixture
-def clock() -> Clock:
-    clock = Clock()
-    clock.advance(time.time())
-    return clock
-
-
-@pytest_twisted.async_yield_fixture
-async def cluster(clock: Clock) -> AsyncIterator[Cluster]:
-    async for running in stopping(await start_cluster(clock)):
-        running.fake.add_service_account("ns", "app")
-        yield running
 
 
 def build(tmp_path: Path, cluster: Cluster, clock: Clock, **options: Any) -> Any:
