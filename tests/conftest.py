@@ -25,3 +25,18 @@ async def cluster(clock: Clock) -> AsyncIterator[Cluster]:
     async for running in stopping(await start_cluster(clock)):
         running.fake.add_service_account("ns", "app")
         yield running
+
+
+@pytest_twisted.async_yield_fixture(autouse=True)
+async def fresh_global_http_pool() -> AsyncIterator[None]:
+    """
+    Forget treq's cached connections after each test: a daemon started later
+    may get the port of one that has gone, and a kept-alive socket to the
+    old one would be reused.
+    """
+    yield
+    from treq.api import get_global_pool
+
+    pool = get_global_pool()
+    if pool is not None:
+        await pool.closeCachedConnections()
