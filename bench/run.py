@@ -33,7 +33,7 @@ import attrs
 import yaml
 
 from jwtlet import devissuer
-from jwtlet.config import DEV_CLIENT_AUDIENCE, DEV_ISSUER, DEV_ISSUER_JWKS
+from jwtlet.config import DEV_CLIENT_AUDIENCE, dev_defaults
 from jwtlet.testing.process import DaemonProcess, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -180,10 +180,7 @@ def write_config(workdir: Path, signer: dict[str, Any], extra: Optional[dict[str
         "issuer": "http://127.0.0.1:8080",
         "bind": "127.0.0.1",
         "storage_backend": {"type": "sqlite", "path": str(workdir / "jwtlet.sqlite3")},
-        "validator": {
-            "type": "kubernetes-oidc",
-            "issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(workdir / DEV_ISSUER_JWKS)}],
-        },
+        "validator": dev_defaults(workdir)["validator"],
         "token": {"client_audience": DEV_CLIENT_AUDIENCE, "audience": "bench-service"},
         "signer": signer,
         "service_accounts": {"system:serviceaccount:bench:admin": ["management:write"]},

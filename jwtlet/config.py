@@ -456,13 +456,13 @@ def parse(
     management_endpoint = top.get("management_endpoint", as_nonempty_str, None)
     plugin_dirs = top.get("plugin_dirs", as_str_list, ())
 
-    storage = _plugin_section(top, "storage_backend", "sqlite", data_dir)
+    storage = _plugin_section(top, "storage_backend", "sqlite")
     k8s = _k8s(top.table("k8s"))
-    validator = _plugin_section(top, "validator", "kubernetes-tokenreview", data_dir)
+    validator = _plugin_section(top, "validator", "kubernetes-tokenreview")
     token = _token(top.table("token"))
     rate_limits = _rate_limits(top.table("rate_limits"))
     vault = top.get("vault", _as_table, None)
-    signer = _plugin_section(top, "signer", "vault-transit" if vault is not None else None, data_dir)
+    signer = _plugin_section(top, "signer", "vault-transit" if vault is not None else None)
     management = _management(top.table("management"))
     service_accounts = top.get("service_accounts", _as_roles, {})
     api_keys = _optional(top, "api_keys", _api_keys)
@@ -582,7 +582,7 @@ def _as_roles(value: Any) -> Mapping[str, tuple[str, ...]]:
     return roles
 
 
-def _plugin_section(top: _Section, key: str, default_type: Optional[str], data_dir: Path) -> PluginSection:
+def _plugin_section(top: _Section, key: str, default_type: Optional[str]) -> PluginSection:
     section = top.table(key)
     kind = section.get("type", as_nonempty_str, default_type if default_type is not None else _MISSING)
     options = section.rest()
@@ -658,7 +658,7 @@ def _no_dots(value: str) -> Optional[str]:
 def _ext_authz(section: _Section) -> Optional[ExtAuthzConfig]:
     grpc_endpoint = section.get("grpc_endpoint", as_nonempty_str, None)
     http = section.get("http", as_bool, True)
-    validator = _plugin_section(section, "validator", "kubernetes-tokenreview", Path())
+    validator = _plugin_section(section, "validator", "kubernetes-tokenreview")
     audience = section.get("audience", as_nonempty_str, None)
     exchange = section.get(
         "exchange",

@@ -97,12 +97,6 @@ def conflict(message: str) -> APIError:
 
 
 @attrs.define
-class Caller:
-    identity: Identity
-    roles: frozenset[str]
-
-
-@attrs.define
 class ManagementAPI:
     """The Klein app of the management port."""
 
@@ -127,7 +121,7 @@ class ManagementAPI:
             lambda _: self.metrics.management_requests.labels(route, str(request.code)).inc()
         )
 
-    async def authorise(self, request: IRequest, needed: str) -> Caller:
+    async def authorise(self, request: IRequest, needed: str) -> Identity:
         token = bearer_token(request.getHeader(b"authorization"))
         if token is None:
             raise UNAUTHORIZED
@@ -140,7 +134,7 @@ class ManagementAPI:
         if not may(roles, needed):
             log.info("{caller} lacks {role}", caller=identity.username, role=needed)
             raise FORBIDDEN
-        return Caller(identity, roles)
+        return identity
 
     def json_body(self, request: IRequest) -> Any:
         body = read_body(request, MAX_BODY)
@@ -153,7 +147,7 @@ class ManagementAPI:
 
     async def change(
         self,
-        caller: Caller,
+        caller: Identity,
         event: str,
         subject: Mapping[str, Any],
         action: Callable[[], Awaitable[Any]],
@@ -175,13 +169,13 @@ class ManagementAPI:
 
     def audit(
         self,
-        caller: Caller,
+        caller: Identity,
         event: str,
         subject: Mapping[str, Any],
         outcome: str,
         error: Optional[str] = None,
     ) -> None:
-        fields = dict(subject, actor=caller.identity.username, outcome=outcome)
+        fields = dict(subject, actor=caller.username, outcome=outcome)
         if error is not None:
             fields["error"] = error
         emit(log, event, LogLevel.info if outcome == "success" else LogLevel.warn, **fields)

@@ -6,6 +6,7 @@ here; every rule is tested without a reactor.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import attrs
@@ -162,6 +163,7 @@ def check_scopes_allowed(mapping: ResourceMapping, requested: Iterable[str]) -> 
         raise unauthorized_client("scope not allowed for this client and resource")
 
 
+@functools.lru_cache(maxsize=8)
 def reserved_claims(participant_context_claim: str) -> frozenset[str]:
     return RESERVED_CLAIMS | {participant_context_claim}
 

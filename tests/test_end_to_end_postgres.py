@@ -21,7 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from jwtlet import devissuer
-from jwtlet.config import DEV_ISSUER, DEV_ISSUER_JWKS
+from jwtlet.config import dev_defaults
 from jwtlet.testing.process import DaemonProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -33,8 +33,7 @@ def write_config(tmp_path: Path, url: str) -> Path:
     config = {
         "issuer": "http://127.0.0.1:8080",
         "storage_backend": {"type": "postgres", "url": url, "pool": {"max_connections": 4}},
-        "validator": {"type": "kubernetes-oidc",
-                      "issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(tmp_path / DEV_ISSUER_JWKS)}]},
+        "validator": dev_defaults(tmp_path)["validator"],
         "token": {"client_audience": "jwtlet-dev", "audience": "svc"},
         "signer": {"type": "local-key", "key_file": str(tmp_path / "signing.jwk"), "generate": True},
         "service_accounts": {"system:serviceaccount:ops:admin": ["management:write"]},

@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from vault_fixtures import ROOT, RunningVault, running_vault
 
 from jwtlet import devissuer
-from jwtlet.config import DEV_ISSUER, DEV_ISSUER_JWKS
+from jwtlet.config import dev_defaults
 from jwtlet.testing.process import DaemonProcess
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,7 @@ def write_config(tmp_path: Path, vault: RunningVault, key_type: str, rsa_algorit
     config = {
         "issuer": "http://127.0.0.1:8080",
         "storage_backend": {"type": "sqlite", "path": str(tmp_path / "jwtlet.sqlite3")},
-        "validator": {"type": "kubernetes-oidc",
-                      "issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(tmp_path / DEV_ISSUER_JWKS)}]},
+        "validator": dev_defaults(tmp_path)["validator"],
         "token": {"client_audience": "jwtlet-dev", "audience": "svc", "token_ttl_secs": 300},
         "vault": {"url": vault.url, "token": ROOT, "key_name": "jwtlet", "key_type": key_type,
                   "rsa_algorithm": rsa_algorithm, "key_refresh_secs": 1, "timeout_secs": 2},

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import HTTPConnectionPool
 
 from jwtlet import devissuer
-from jwtlet.config import DEV_ISSUER, DEV_ISSUER_JWKS
+from jwtlet.config import dev_defaults
 from jwtlet.testing.process import DaemonProcess
 
 pytestmark = pytest.mark.slow
@@ -50,8 +50,7 @@ async def test_a_minute_of_rotating_tokens_and_writes(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({
         "issuer": "http://127.0.0.1:8080",
         "storage_backend": {"type": "sqlite", "path": str(tmp_path / "jwtlet.sqlite3")},
-        "validator": {"type": "kubernetes-oidc",
-                      "issuers": [{"issuer": DEV_ISSUER, "jwks_file": str(tmp_path / DEV_ISSUER_JWKS)}]},
+        "validator": dev_defaults(tmp_path)["validator"],
         "token": {"client_audience": "jwtlet-dev", "audience": "svc"},
         "signer": {"type": "local-key", "key_file": str(tmp_path / "k.jwk"), "generate": True},
         "service_accounts": {"system:serviceaccount:ops:admin": ["management:write"]},
