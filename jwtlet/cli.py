@@ -48,12 +48,16 @@ def command_dev(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def command_check_config(args: argparse.Namespace, out: TextIO) -> int:
-    from jwtlet.daemon import load_checked
+    """The checks the daemon runs at start, plugins' own options included; nothing is created."""
+    from jwtlet.daemon import find_problems, load_checked
 
     try:
-        load_checked(args.config, os.environ, dev=args.dev, data_dir=args.data_dir)
+        config, discovered = load_checked(args.config, os.environ, dev=args.dev, data_dir=args.data_dir)
+        problems = find_problems(config, discovered)
     except ConfigError as error:
-        sys.stderr.write("".join(f"{problem}\n" for problem in error.problems))
+        problems = error.problems
+    if problems:
+        sys.stderr.write("".join(f"{problem}\n" for problem in problems))
         return 1
     out.write("configuration OK\n")
     return 0

@@ -69,6 +69,12 @@ class TokenConfig:
     token_ttl_secs: int = 3600
     require_subject_token_type: bool = False
     reject_replayed_subject_tokens: bool = False
+    max_subject_token_age_secs: int = 86400
+
+
+@attrs.frozen
+class LimitsConfig:
+    max_connections: int = 1024
 
 
 @attrs.frozen
@@ -113,6 +119,7 @@ class ExtAuthzConfig:
     exchange: str
     target_cluster: Optional[TargetCluster]
     resource_header: str
+    source_issuers: Optional[tuple[str, ...]] = None
 
 
 @attrs.frozen
@@ -141,6 +148,7 @@ class Config:
     plugin_dirs: tuple[str, ...] = ()
     k8s: K8sConfig = K8sConfig()
     rate_limits: RateLimits = RateLimits()
+    limits: LimitsConfig = LimitsConfig()
     vault: Optional[Mapping[str, Any]] = None
     management: ManagementConfig = ManagementConfig()
     service_accounts: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
@@ -306,13 +314,19 @@ def is_loopback_host(host: Optional[str]) -> bool:
         return False
 
 
-def https_url(allow_loopback_http: bool) -> Callable[[str], Optional[str]]:
+def https_url(dev: bool) -> Callable[[str], Optional[str]]:
+    """
+    The outbound URL rule of security.md: ``https``, or ``http`` only to a
+    loopback host or in ``--dev`` (a token sent in clear to anywhere else
+    could be read on the way).
+    """
+
     def check(url: str) -> Optional[str]:
         parts = urlsplit(url)
         if not parts.netloc or parts.scheme not in ("https", "http"):
             return "must be an absolute https URL"
-        if parts.scheme == "http" and not (allow_loopback_http and is_loopback_host(parts.hostname)):
-            return "must be https (http is allowed only for loopback hosts)"
+        if parts.scheme == "http" and not (dev or is_loopback_host(parts.hostname)):
+            return "must be https (http is allowed only for loopback hosts or with --dev)"
         return None
 
     return check
@@ -445,7 +459,7 @@ def parse(
     problems: list[str] = []
     top = _Section(raw, "", problems)
 
-    issuer = top.get("issuer", as_nonempty_str, check=https_url(allow_loopback_http=True))
+    issuer = top.get("issuer", as_nonempty_str, check=https_url(dev))
     bind = top.get("bind", as_nonempty_str, "0.0.0.0")  # noqa: S104
     ports = in_range(1, 65535)
     token_port = top.get("token_exchange_port", as_int, 8080, ports)
@@ -457,22 +471,27 @@ def parse(
     plugin_dirs = top.get("plugin_dirs", as_str_list, ())
 
     storage = _plugin_section(top, "storage_backend", "sqlite")
-    k8s = _k8s(top.table("k8s"))
+    k8s = _k8s(top.table("k8s"), dev)
     validator = _plugin_section(top, "validator", "kubernetes-tokenreview")
     token = _token(top.table("token"))
     rate_limits = _rate_limits(top.table("rate_limits"))
+    limits = _limits(top.table("limits"))
     vault = top.get("vault", _as_table, None)
     signer = _plugin_section(top, "signer", "vault-transit" if vault is not None else None)
     management = _management(top.table("management"))
     service_accounts = top.get("service_accounts", _as_roles, {})
     api_keys = _optional(top, "api_keys", _api_keys)
-    ext_authz = _optional(top, "ext_authz", _ext_authz)
+    ext_authz = _optional(top, "ext_authz", lambda section: _ext_authz(section, dev))
     metrics = _metrics(top.table("metrics"))
     logging = _logging(top.table("logging"))
     top.finish()
 
     if k8s.api_server_url is None and TOKENREVIEW in _validator_types(validator, ext_authz):
         problems.append(f"k8s.api_server_url: required by the {TOKENREVIEW} validator")
+    problems.extend(_api_server_urls(validator, ext_authz, dev))
+    problems.extend(_plugin_requirements(storage, signer, vault))
+    if ext_authz is not None and ext_authz.exchange == "jwt":
+        problems.extend(_prefixes_across_validators(validator, ext_authz.validator, k8s))
     if known_plugins is not None:
         problems.extend(_unknown_types(known_plugins, storage, validator, signer, ext_authz))
     if dev and not is_loopback_host(bind):
@@ -493,6 +512,7 @@ def parse(
         validator=validator,
         token=token,
         rate_limits=rate_limits,
+        limits=limits,
         signer=signer,
         vault=vault,
         management=management,
@@ -507,6 +527,99 @@ def parse(
 
 
 TOKENREVIEW = "kubernetes-tokenreview"
+OIDC = "kubernetes-oidc"
+POSTGRES = "postgres"
+VAULT_TRANSIT = "vault-transit"
+VAULT_CREDENTIALS = ("token", "token_file", "kubernetes_auth")
+
+
+def _api_server_urls(validator: PluginSection, ext_authz: Optional[ExtAuthzConfig], dev: bool) -> list[str]:
+    """
+    A validator's own ``api_server_url`` (the TokenReview option) is an
+    outbound URL that gets our service-account token: the https rule holds.
+    A value that is not a string is left to the plugin to report.
+    """
+    sections = [("validator", validator)]
+    if ext_authz is not None:
+        sections.append(("ext_authz.validator", ext_authz.validator))
+    problems = []
+    for path, section in sections:
+        url = section.options.get("api_server_url")
+        message = https_url(dev)(url) if isinstance(url, str) else None
+        if message:
+            problems.append(f"{path}.api_server_url: {message}")
+    return problems
+
+
+def _plugin_requirements(
+    storage: PluginSection, signer: PluginSection, vault: Optional[Mapping[str, Any]]
+) -> list[str]:
+    """
+    The plugin options config.md names among the load-time rules, checked
+    here so that they are listed with every other problem (the plugins'
+    own checks only run once the core configuration is valid).
+    """
+    problems = []
+    if storage.type == POSTGRES and not storage.options.get("url"):
+        problems.append(f"storage_backend.url: required for the {POSTGRES} store")
+    if signer.type == VAULT_TRANSIT:
+        # vault-transit reads the top-level ``vault`` table and the signer section together.
+        options = {**(vault or {}), **signer.options}
+        if not options.get("url"):
+            problems.append(f"vault.url: required for {VAULT_TRANSIT}")
+        given = [key for key in VAULT_CREDENTIALS if options.get(key) is not None]
+        if len(given) != 1:
+            problems.append(f"vault: give exactly one of {', '.join(VAULT_CREDENTIALS)} "
+                            f"(given: {', '.join(given) or 'none'})")
+    return problems
+
+
+def _issuer_entries(section: PluginSection) -> list[Any]:
+    """The ``issuers`` list of a validator section (empty when it has none)."""
+    issuers = section.options.get("issuers")
+    return list(issuers) if isinstance(issuers, list) else []
+
+
+def _trusted(section: PluginSection, path: str, k8s: K8sConfig) -> list[tuple[str, str, str]]:
+    """
+    ``(where, issuer, username_prefix)`` for each issuer a validator section
+    trusts: each ``issuers`` entry, else the one cluster it asks (its own
+    ``api_server_url`` or ``k8s.api_server_url``).
+    """
+    entries = _issuer_entries(section)
+    if entries:
+        return [
+            (f"{path}.issuers[{index}].username_prefix", str(entry.get("issuer")),
+             str(entry.get("username_prefix") or ""))
+            for index, entry in enumerate(entries)
+            if isinstance(entry, Mapping)
+        ]
+    cluster = section.options.get("api_server_url") or k8s.api_server_url or ""
+    return [(f"{path}.username_prefix", str(cluster), str(section.options.get("username_prefix") or ""))]
+
+
+def _prefixes_across_validators(top: PluginSection, ext_authz: PluginSection, k8s: K8sConfig) -> list[str]:
+    """
+    security.md: an ext_authz validator beside the top-level one makes two
+    trust domains when they trust different issuers.  With ``exchange: jwt``
+    its identities meet the top-level mappings, so the same service account
+    name from each must become two identities.  (Within one validator the
+    plugin checks its own ``issuers``; ``kubernetes-tokenrequest`` maps
+    identities by ``source_issuers`` instead.)  An issuer both trust with the
+    same prefix is one identity space and needs nothing.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    problems = []
+    for where, issuer, prefix in _trusted(top, "validator", k8s) + _trusted(ext_authz, "ext_authz.validator", k8s):
+        earlier = seen.get(prefix)
+        if earlier is None:
+            seen[prefix] = (where, issuer)
+        elif earlier[1] != issuer and where.startswith("ext_authz.") and not earlier[0].startswith("ext_authz."):
+            problems.append(
+                f"{where}: {prefix!r} is also the prefix of {earlier[0]} for another issuer; each trusted "
+                "issuer needs its own, or one cluster's service accounts act as another's"
+            )
+    return problems
 
 
 @attrs.frozen
@@ -590,9 +703,9 @@ def _plugin_section(top: _Section, key: str, default_type: Optional[str]) -> Plu
     return PluginSection(type=kind or "", options=options, section=key)
 
 
-def _k8s(section: _Section) -> K8sConfig:
+def _k8s(section: _Section, dev: bool) -> K8sConfig:
     defaults = K8sConfig()
-    url = section.get("api_server_url", as_nonempty_str, None, https_url(allow_loopback_http=True))
+    url = section.get("api_server_url", as_nonempty_str, None, https_url(dev))
     config = K8sConfig(
         api_server_url=url.rstrip("/") if url else None,
         cluster_issuer=section.get("cluster_issuer", as_nonempty_str, defaults.cluster_issuer),
@@ -614,10 +727,11 @@ def _token(section: _Section) -> Optional[TokenConfig]:
     ttl = section.get("token_ttl_secs", as_int, 3600, in_range(1, 86400))
     strict = section.get("require_subject_token_type", as_bool, False)
     replay = section.get("reject_replayed_subject_tokens", as_bool, False)
+    max_age = section.get("max_subject_token_age_secs", as_int, 86400, positive)
     section.finish()
     if client_audience is None or audience is None:
         return None
-    return TokenConfig(client_audience, audience, claim, ttl, strict, replay)
+    return TokenConfig(client_audience, audience, claim, ttl, strict, replay, max_age)
 
 
 def _rate_limits(section: _Section) -> RateLimits:
@@ -625,6 +739,12 @@ def _rate_limits(section: _Section) -> RateLimits:
         per_client_per_sec=section.get("per_client_per_sec", as_number, None, positive),
         global_per_sec=section.get("global_per_sec", as_number, None, positive),
     )
+    section.finish()
+    return limits
+
+
+def _limits(section: _Section) -> LimitsConfig:
+    limits = LimitsConfig(max_connections=section.get("max_connections", as_int, 1024, positive))
     section.finish()
     return limits
 
@@ -655,7 +775,7 @@ def _no_dots(value: str) -> Optional[str]:
     return "must not contain '.'" if "." in value else None
 
 
-def _ext_authz(section: _Section) -> Optional[ExtAuthzConfig]:
+def _ext_authz(section: _Section, dev: bool) -> Optional[ExtAuthzConfig]:
     grpc_endpoint = section.get("grpc_endpoint", as_nonempty_str, None)
     http = section.get("http", as_bool, True)
     validator = _plugin_section(section, "validator", "kubernetes-tokenreview")
@@ -668,10 +788,23 @@ def _ext_authz(section: _Section) -> Optional[ExtAuthzConfig]:
     )
     target = None
     if exchange == "kubernetes-tokenrequest":
-        target = _target_cluster(section.table("target_cluster"))
+        target = _target_cluster(section.table("target_cluster"), dev)
     else:
         section.get("target_cluster", _as_table, None)
     header = section.get("resource_header", as_nonempty_str, "x-jwtlet-resource")
+    source_issuers = section.get("source_issuers", as_str_list, None)
+    if validator.type == OIDC and audience is None:
+        section.problem("audience", f"required when the ext_authz validator is {OIDC} "
+                        "(a token minted for another relying party must never be swapped)")
+    trusted = [entry.get("issuer") for entry in _issuer_entries(validator) if isinstance(entry, Mapping)]
+    if source_issuers is None and len(trusted) > 1:
+        section.problem("source_issuers", "required when the ext_authz validator trusts more than one issuer")
+    elif source_issuers is not None:
+        if not source_issuers:
+            section.problem("source_issuers", "must name at least one issuer")
+        for name in source_issuers:
+            if trusted and name not in trusted:
+                section.problem("source_issuers", f"'{name}' is not one of ext_authz.validator.issuers")
     section.finish()
     return ExtAuthzConfig(
         grpc_endpoint=grpc_endpoint,
@@ -681,11 +814,12 @@ def _ext_authz(section: _Section) -> Optional[ExtAuthzConfig]:
         exchange=exchange,
         target_cluster=target,
         resource_header=header.lower(),
+        source_issuers=source_issuers,
     )
 
 
-def _target_cluster(section: _Section) -> Optional[TargetCluster]:
-    url = section.get("api_server_url", as_nonempty_str, check=https_url(allow_loopback_http=True))
+def _target_cluster(section: _Section, dev: bool) -> Optional[TargetCluster]:
+    url = section.get("api_server_url", as_nonempty_str, check=https_url(dev))
     target = TargetCluster(
         api_server_url=(url or "").rstrip("/"),
         token_file=section.get("token_file", as_nonempty_str, K8sConfig().token_file),

@@ -17,16 +17,17 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 
 from jwtlet import config as configuration
-from jwtlet import devissuer
+from jwtlet import devissuer, exchange, management
 from jwtlet._async import as_deferred
 from jwtlet.apikey_exchange import ApiKeyExchange, ApiKeyVerifier
-from jwtlet.config import Config, ConfigError
+from jwtlet.config import Config, ConfigError, is_loopback_host
 from jwtlet.discovery import Discovered, build, discover
 from jwtlet.exchange import TokenExchangeAPI
-from jwtlet.extauthz import build_ext_authz
+from jwtlet.extauthz import build_ext_authz, build_ext_authz_validator
 from jwtlet.httpclient import build_http_client, close_http_client
 from jwtlet.interfaces import Conflict, PluginConfigError, PluginContext
 from jwtlet.issuer import Signing, TokenIssuer
@@ -36,7 +37,7 @@ from jwtlet.metrics import Metrics
 from jwtlet.model import ResourceMapping, ScopeMapping
 from jwtlet.policy import IssueParameters, reserved_claims
 from jwtlet.ratelimit import RateLimiter
-from jwtlet.web import DrainingSite, Readiness
+from jwtlet.web import BodyLimits, DrainingSite, Readiness
 
 log = Logger(namespace="jwtlet.daemon")
 
@@ -68,6 +69,7 @@ _LOOPBACK_INTERFACE = re.compile(r"interface=(127\.[0-9.]+|localhost|\\:\\:1|::1
 
 
 def check_endpoints(config: Config, reactor: Any) -> list[str]:
+    """The listening endpoints: parseable, and loopback only in ``--dev``."""
     problems = []
     for key, description in (
         ("token_exchange_endpoint", config.token_exchange_description()),
@@ -80,6 +82,47 @@ def check_endpoints(config: Config, reactor: Any) -> list[str]:
             continue
         if config.dev and not description.startswith("unix:") and not _LOOPBACK_INTERFACE.search(description):
             problems.append(f"{key}: --dev listens on loopback only")
+    grpc_endpoint = config.ext_authz.grpc_endpoint if config.ext_authz is not None else None
+    if grpc_endpoint is not None:
+        from jwtlet.extauthz_grpc import grpc_address  # grpcio is loaded only when the gRPC front is on
+
+        try:
+            host = grpc_address(grpc_endpoint).rpartition(":")[0]
+        except PluginConfigError as error:
+            problems.extend(error.messages)
+        else:
+            if config.dev and not is_loopback_host(host):
+                problems.append("ext_authz.grpc_endpoint: --dev listens on loopback only")
+    return problems
+
+
+def find_problems(config: Config, discovered: Discovered) -> list[str]:
+    """
+    Every problem the daemon reports at start, found without creating
+    anything: the endpoints, and each provider's own options, its providers
+    built with ``check_only`` (no key files, no databases).  ``make_service``
+    and ``jwtlet check-config`` both call this, so the two always agree.
+    The providers get a reactor that never runs: whatever they schedule on
+    it is dropped with them.
+    """
+    reactor = MemoryReactorClock()
+    problems = check_endpoints(config, reactor)
+    context = PluginContext(
+        reactor=reactor,
+        clock=reactor,
+        http_client=build_http_client(reactor),
+        config=config,
+        data_dir=config.data_dir,
+        random_bytes=os.urandom,
+        check_only=True,
+    )
+    providers, provider_problems = _attempt_providers(config, discovered, context)
+    problems.extend(provider_problems)
+    if config.ext_authz is not None:
+        try:
+            build_ext_authz_validator(config.ext_authz, discovered, attrs.evolve(context, store=providers.store))
+        except PluginConfigError as error:
+            problems.extend(error.messages)
     return problems
 
 
@@ -140,22 +183,35 @@ DEV_MAPPING = ResourceMapping(
 )
 
 
+#: Written in the data directory once ``--dev`` has seeded its store.
+DEV_SEEDED_MARKER = ".dev-seeded"
+
+
 @attrs.define
 class DevSeed(Service):
-    """Seeds the example scope and mapping of ``--dev`` on first start."""
+    """
+    Seeds the example scope and mapping of ``--dev`` once per data
+    directory: a marker written after a successful seed means an operator
+    who deleted the examples does not get them back at the next start.
+    """
 
     store: Any
+    data_dir: Path
 
     def startService(self) -> None:
         Service.startService(self)
-        ensureDeferred(self._seed()).addErrback(lambda f: log.failure("seeding the dev store failed", f))
+        ensureDeferred(self.seed()).addErrback(lambda f: log.failure("seeding the dev store failed", f))
 
-    async def _seed(self) -> None:
+    async def seed(self) -> None:
+        marker = self.data_dir / DEV_SEEDED_MARKER
+        if marker.exists():
+            return
         for create in (lambda: self.store.add_scope(DEV_SCOPE), lambda: self.store.add_mapping(DEV_MAPPING)):
             try:
                 await as_deferred(create())
             except Conflict:
-                pass  # seeded on an earlier start
+                pass  # a worker beside us seeded first, or a start that failed before the marker
+        marker.touch(mode=0o600)
 
 
 def dev_instructions(config: Config, data_dir: Path) -> str:
@@ -188,30 +244,55 @@ class Providers:
 
 def build_providers(config: Config, discovered: Discovered, context: PluginContext) -> Providers:
     """Build store, then signer and validator (which may use the store); all problems at once."""
+    providers, problems = _attempt_providers(config, discovered, context)
+    if problems:
+        raise ConfigError(problems)
+    return providers
+
+
+def _attempt_providers(
+    config: Config, discovered: Discovered, context: PluginContext
+) -> tuple[Providers, list[str]]:
+    """Each provider that could be built (``None`` for the others) and every problem found."""
     problems: list[str] = []
 
     def attempt(kind: str, section: configuration.PluginSection, ctx: PluginContext) -> Any:
         try:
             return build(discovered, kind, section, ctx)
         except PluginConfigError as error:
-            problems.extend(error.messages)
+            problems.extend(as_written(config, message) for message in error.messages)
             return None
 
     store = attempt("store", config.storage_backend, context)
     with_store = attrs.evolve(context, store=store)
     signer = attempt("signer", signer_section(config), with_store)
     validator = attempt("validator", config.validator, with_store)
-    if problems:
-        raise ConfigError(problems)
-    return Providers(store=store, signer=signer, validator=validator)
+    return Providers(store=store, signer=signer, validator=validator), problems
 
 
 def signer_section(config: Config) -> configuration.PluginSection:
     """vault-transit takes its options from the top-level ``vault`` table."""
-    if config.signer.type == "vault-transit":
+    if config.signer.type == configuration.VAULT_TRANSIT:
         options = {**(config.vault or {}), **config.signer.options}
         return configuration.PluginSection(type=config.signer.type, options=options, section="vault")
     return config.signer
+
+
+_OPTION = re.compile(r"vault\.(?P<key>[A-Za-z0-9_-]+)")
+
+
+def as_written(config: Config, message: str) -> str:
+    """
+    A provider problem named after the section the operator wrote the option
+    in: vault-transit reads ``vault`` and ``signer`` together (see
+    :func:`signer_section`), so ``key_file`` left under ``signer`` is
+    ``signer.key_file``, not ``vault.key_file``.  Other messages pass as
+    they are.
+    """
+    match = _OPTION.match(message)
+    if match is None or match.group("key") not in config.signer.options:
+        return message
+    return "signer." + message[len("vault."):]
 
 
 @attrs.define
@@ -232,7 +313,7 @@ def build_apis(
 ) -> APIs:
     """Both Klein apps over already built providers (the tests build them this way too)."""
     readiness = Readiness(
-        {"store": providers.store, "signer": providers.signer, "validator": providers.validator}
+        {"store": providers.store, "signer": providers.signer, "validator": providers.validator}, clock
     )
     parameters = IssueParameters(
         issuer=config.issuer,
@@ -283,13 +364,14 @@ def build_apis(
         metrics_enabled=config.metrics.enabled,
         readiness=readiness,
         random_bytes=random_bytes,
+        clock=clock,
     )
     return APIs(issuer=issuer, token_api=token_api, management_api=management_api)
 
 
 def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiService:
     """The whole daemon as one service; raises :class:`ConfigError`."""
-    problems = check_endpoints(config, reactor)
+    problems = find_problems(config, discovered)
     if problems:
         raise ConfigError(problems)
     data_dir = config.data_dir
@@ -321,9 +403,12 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
         except PluginConfigError as error:
             raise ConfigError(list(error.messages)) from None
         token_api.ext_authz = ext_authz.http_resource
+    connections = config.limits.max_connections
     sites = [
-        DrainingSite(token_api.app.resource()),
-        DrainingSite(management_api.app.resource()),
+        DrainingSite(token_api.app.resource(), body_limits=exchange.BODY_LIMITS, max_connections=connections,
+                     reactor=reactor),
+        DrainingSite(management_api.app.resource(), body_limits=BodyLimits(management.MAX_BODY),
+                     max_connections=connections, reactor=reactor),
     ]
 
     daemon = SequentialMultiService()
@@ -332,7 +417,7 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
         if IService.providedBy(provider) and provider.parent is None:
             provider.setServiceParent(daemon)
     if config.dev:
-        DevSeed(providers.store).setServiceParent(daemon)
+        DevSeed(providers.store, data_dir).setServiceParent(daemon)
     if ext_authz is not None:
         if IService.providedBy(ext_authz.decider.validator):
             ext_authz.decider.validator.setServiceParent(daemon)

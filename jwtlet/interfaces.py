@@ -76,6 +76,9 @@ class PluginContext:
     :ivar store: the configured mapping store, for providers that need one
         (the ``api-key`` validator); ``None`` while stores are being built.
     :ivar random_bytes: source of randomness, ``os.urandom`` by default.
+    :ivar check_only: ``jwtlet check-config`` is building providers only to
+        check their options: a factory must report every problem it would
+        report at start, but create nothing (no key files, no databases).
     """
 
     reactor: Any
@@ -85,6 +88,7 @@ class PluginContext:
     data_dir: Path
     store: Optional[Any] = None
     random_bytes: Any = None
+    check_only: bool = False
 
 
 # -- providers --------------------------------------------------------------

@@ -35,6 +35,10 @@ class Identity:
     extra: Mapping[str, Any] = attrs.field(factory=dict)
     expires_at: Optional[float] = None
     token_id: Optional[str] = None
+    #: The last instant the validator would still accept this credential
+    #: (``exp`` plus its leeway); a replayed ``jti`` must be remembered until
+    #: then.  ``None``: the same as ``expires_at``.
+    accepted_until: Optional[float] = None
 
 
 @attrs.frozen

@@ -7,7 +7,7 @@ the head of ``key_files`` and dropping the old one once its tokens expired.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import attrs
 from jwcrypto.common import json_encode
@@ -76,15 +76,20 @@ class LocalKeySignerFactory:
         paths = _key_paths(options, context, problems)
         if problems:
             raise PluginConfigError(*problems)
+        unwritten: Optional[JWK] = None
         if generate is True and paths and not paths[0].exists():
-            try:
-                keys.write_new(paths[0], keys.generate(preferred or "EdDSA"))
-            except FileExistsError:
-                pass  # another process (a replica starting beside us) wrote it first: use theirs
+            generated = keys.generate(preferred or "EdDSA")
+            if context.check_only:
+                unwritten = generated  # check-config creates nothing: this stands for the key the daemon writes
+            else:
+                try:
+                    keys.write_new(paths[0], generated)
+                except FileExistsError:
+                    pass  # another process (a replica starting beside us) wrote it first: use theirs
         loaded = []
-        for path in paths:
+        for index, path in enumerate(paths):
             try:
-                key = keys.load(path)
+                key = unwritten if index == 0 and unwritten is not None else keys.load(path)
                 loaded.append((key, keys.algorithm_for(key, preferred)))
             except keys.KeyError_ as error:
                 problems.append(f"key_file: {error}")

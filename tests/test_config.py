@@ -65,7 +65,7 @@ def test_all_problems_are_reported_together_with_key_paths() -> None:
         "issuer: required",
         "token_exchange_port: must be between 1 and 65535",
         "management_port: must be an integer, not str",
-        "k8s.api_server_url: must be https (http is allowed only for loopback hosts)",
+        "k8s.api_server_url: must be https (http is allowed only for loopback hosts or with --dev)",
         "token.client_audience: required",
         "token.audience: required",
         "token.participant_context_claim: 'sub' is a reserved claim name",
@@ -285,3 +285,85 @@ def test_dev_defaults_are_complete_and_loopback_only(tmp_path: Path) -> None:
 def test_env_overrides_ignore_malformed_names() -> None:
     assert config.env_overrides({"JWTLET__": "1", "JWTLET__A____B": "2", "JWTLET_X": "3"}) == {}
     assert config.env_overrides({"JWTLET__A__B": "x: y"}) == {"a": {"b": {"x": "y"}}}
+
+
+HTTPS_ONLY = "must be https (http is allowed only for loopback hosts or with --dev)"
+
+
+def test_every_outbound_url_is_https_and_each_violation_is_listed() -> None:
+    """Each API server URL that gets a service-account token is https, or http only to loopback or in --dev."""
+    def urls(scheme_host: str) -> dict[str, Any]:
+        return with_(
+            k8s={"api_server_url": f"{scheme_host}:6443"},
+            validator={"type": "kubernetes-tokenreview", "api_server_url": f"{scheme_host}:6444"},
+            ext_authz={"validator": {"type": "kubernetes-tokenreview", "api_server_url": f"{scheme_host}:6445"},
+                       "target_cluster": {"api_server_url": f"{scheme_host}:6446"}},
+        )
+
+    assert problems_of(urls("http://cluster.example")) == [
+        f"k8s.api_server_url: {HTTPS_ONLY}",
+        f"ext_authz.target_cluster.api_server_url: {HTTPS_ONLY}",
+        f"validator.api_server_url: {HTTPS_ONLY}",
+        f"ext_authz.validator.api_server_url: {HTTPS_ONLY}",
+    ]
+    for allowed in ("https://cluster.example", "http://127.0.0.1", "http://localhost", "http://[::1]"):
+        config.parse(urls(allowed))
+    config.parse(dict(urls("http://cluster.example"), bind="127.0.0.1"), dev=True)
+
+
+def test_every_load_time_rule_is_listed_in_one_run() -> None:
+    """config.md's load-time rules, all broken at once: one run lists every one, plugin requirements too."""
+    raw = {
+        "issuer": "http://jwtlet.example",
+        "management_port": 8080,
+        "k8s": {"api_server_url": "http://kubernetes.example"},
+        "token": {"client_audience": "ca", "audience": "svc", "participant_context_claim": "iss",
+                  "token_ttl_secs": 0},
+        "storage_backend": {"type": "postgres"},
+        "validator": {"type": "kubernetes-magic"},
+        "signer": {"type": "vault-transit"},
+        "vault": {"token": "s.dev", "token_file": "/vault/token"},
+        "ext_authz": {"target_cluster": {"api_server_url": "https://mgmt.example", "expiration_secs": 60}},
+    }
+    assert problems_of(raw, known_plugins=KNOWN) == [
+        f"issuer: {HTTPS_ONLY}",
+        "management_port: must differ from token_exchange_port (8080)",
+        f"k8s.api_server_url: {HTTPS_ONLY}",
+        "token.participant_context_claim: 'iss' is a reserved claim name",
+        "token.token_ttl_secs: must be between 1 and 86400",
+        "ext_authz.target_cluster.expiration_secs: must be at least 600 (Kubernetes refuses less)",
+        "storage_backend.url: required for the postgres store",
+        "vault.url: required for vault-transit",
+        "vault: give exactly one of token, token_file, kubernetes_auth (given: token, token_file)",
+        "validator.type: no validator plugin named 'kubernetes-magic' "
+        "(found: kubernetes-oidc, kubernetes-tokenreview)",
+    ]
+
+
+def test_vault_transit_options_may_sit_in_the_signer_section() -> None:
+    raw = with_(signer={"type": "vault-transit", "url": "https://vault:8200", "kubernetes_auth": {"role": "j"}})
+    assert config.parse(raw).signer.options == {"url": "https://vault:8200", "kubernetes_auth": {"role": "j"}}
+    assert problems_of(with_(signer={"type": "vault-transit"})) == [
+        "vault.url: required for vault-transit",
+        "vault: give exactly one of token, token_file, kubernetes_auth (given: none)",
+    ]
+
+
+def _two_fronts(top_issuer: str, top_prefix: str, front_issuer: str, front_prefix: str) -> dict[str, Any]:
+    return with_(
+        validator={"type": "kubernetes-oidc",
+                   "issuers": [{"issuer": top_issuer, "username_prefix": top_prefix}]},
+        ext_authz={"validator": {"type": "kubernetes-oidc",
+                                 "issuers": [{"issuer": front_issuer, "username_prefix": front_prefix}]},
+                   "audience": "https://kubernetes.default.svc",
+                   "exchange": "jwt"},
+    )
+
+
+def test_an_ext_authz_validator_trusting_another_cluster_needs_its_own_prefix() -> None:
+    """Cluster B behind the ext_authz front must not mint identities that look like cluster A's."""
+    collision = problems_of(_two_fronts("https://a.example", "", "https://b.example", ""))
+    assert any(p.startswith("ext_authz.validator.issuers[0].username_prefix:") for p in collision), collision
+    config.parse(_two_fronts("https://a.example", "", "https://b.example", "b:"))
+    # The same cluster trusted by both with the same prefix is one identity space.
+    config.parse(_two_fronts("https://a.example", "", "https://a.example", ""))

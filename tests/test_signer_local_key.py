@@ -15,8 +15,8 @@ from jwtlet.plugins.local_key import local_key
 from jwtlet.testing.signer_conformance import assert_signer_conforms
 
 
-def context(tmp_path: Path) -> types.SimpleNamespace:
-    return types.SimpleNamespace(data_dir=tmp_path)
+def context(tmp_path: Path, check_only: bool = False) -> types.SimpleNamespace:
+    return types.SimpleNamespace(data_dir=tmp_path, check_only=check_only)
 
 
 @pytest.mark.parametrize("algorithm", keys.ALGORITHMS)
@@ -92,3 +92,15 @@ def test_missing_public_or_symmetric_keys_are_refused(tmp_path: Path) -> None:
         with pytest.raises(PluginConfigError) as raised:
             local_key.build({"key_file": str(path)}, context(tmp_path))
         assert words in raised.value.messages[0]
+
+
+def test_check_mode_reports_problems_but_generates_nothing(tmp_path: Path) -> None:
+    """jwtlet check-config builds the signer only to check it: `generate: true` must not write the key."""
+    path = tmp_path / "sub" / "signing.jwk"
+    local_key.build({"key_file": str(path), "generate": True}, context(tmp_path, check_only=True))
+    assert not path.exists() and not path.parent.exists()
+    with pytest.raises(PluginConfigError) as raised:
+        local_key.build({"key_files": [str(path), str(tmp_path / "old.jwk")], "generate": True},
+                        context(tmp_path, check_only=True))
+    assert raised.value.messages[0].startswith("key_file: ") and "old.jwk" in raised.value.messages[0]
+    assert not path.exists()

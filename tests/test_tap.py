@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import stat
 import textwrap
 from pathlib import Path
 from typing import Any, Iterator
 
+import attrs
 import pytest
+import pytest_twisted
 from twisted.application.service import IService, IServiceMaker
+from twisted.internet.defer import fail
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin
 
@@ -16,6 +21,8 @@ import jwtlet.tap
 from jwtlet import config as configuration
 from jwtlet import daemon, keys
 from jwtlet.config import ConfigError
+from jwtlet.interfaces import DependencyUnavailable
+from jwtlet.plugins.memory_store import MemoryStore
 
 STATIC_VALIDATOR_PLUGIN = textwrap.dedent(
     '''
@@ -181,3 +188,41 @@ def test_dev_instructions_name_the_commands(tmp_path: Path) -> None:
     text = daemon.dev_instructions(config, tmp_path)
     assert f"jwtlet dev-token default:demo --data-dir {tmp_path}" in text
     assert "curl -s http://127.0.0.1:8080/token" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_dev_seeds_once_per_data_directory(tmp_path: Path, clock: Clock) -> None:
+    """An operator deletes --dev's example scope and mapping: the next start must not bring them back."""
+    store = MemoryStore(clock)
+    await daemon.DevSeed(store, tmp_path).seed()
+    assert (await store.list_scopes(), await store.list_mappings()) == ([daemon.DEV_SCOPE], [daemon.DEV_MAPPING])
+    await store.delete_scope(daemon.DEV_SCOPE.scope)
+    await store.delete_mapping(*daemon.DEV_MAPPING.key)
+    restarted = daemon.DevSeed(store, tmp_path)
+    restarted.startService()
+    await restarted.seed()
+    assert (await store.list_scopes(), await store.list_mappings()) == ([], [])
+    assert stat.S_IMODE((tmp_path / daemon.DEV_SEEDED_MARKER).stat().st_mode) == 0o600
+
+
+@attrs.define
+class MappingsDown:
+    """A store whose database goes away after the scope was written."""
+
+    store: MemoryStore
+
+    def add_scope(self, scope: Any) -> Any:
+        return self.store.add_scope(scope)
+
+    def add_mapping(self, mapping: Any) -> Any:
+        return fail(DependencyUnavailable("database down"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_dev_seed_is_tried_again_at_the_next_start(tmp_path: Path, clock: Clock) -> None:
+    store = MemoryStore(clock)
+    with pytest.raises(DependencyUnavailable):
+        await daemon.DevSeed(MappingsDown(store), tmp_path).seed()
+    assert not (tmp_path / daemon.DEV_SEEDED_MARKER).exists()
+    await daemon.DevSeed(store, tmp_path).seed()
+    assert await store.list_mappings() == [daemon.DEV_MAPPING]
