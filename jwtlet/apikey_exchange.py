@@ -86,11 +86,12 @@ class ApiKeyExchange:
         profile = self.profile(profile_name)
         outcome = "refused"
         try:
-            retry_after = self.limiter.check_global()
-            if retry_after is not None:
-                raise rate_limited(retry_after)
             record = await self.verifier.verify(key)
-            retry_after = self.limiter.check(f"apikey:{record.integration_id}:{record.key_id}")
+            # The global budget is spent only by keys that verified (security.md):
+            # a flood of bad keys must not lock out the good ones.
+            retry_after = self.limiter.check_global()
+            if retry_after is None:
+                retry_after = self.limiter.check(f"apikey:{record.integration_id}:{record.key_id}")
             if retry_after is not None:
                 raise rate_limited(retry_after)
             now = int(self.clock.seconds())

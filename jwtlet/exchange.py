@@ -24,6 +24,7 @@ from jwtlet.policy import ExchangeError
 from jwtlet.web import (
     NO_STORE,
     APIError,
+    BodyLimits,
     Readiness,
     add_error_handlers,
     add_health_routes,
@@ -34,35 +35,23 @@ from jwtlet.web import (
 )
 
 MAX_BODY = 64 * 1024
+EXT_AUTHZ_PREFIX = "/ext_authz/"
+# Enforced by the site while a body arrives; Envoy sends ext_authz checks without one.
+BODY_LIMITS = BodyLimits(MAX_BODY, {EXT_AUTHZ_PREFIX.encode(): 0})
 MAX_FORM_FIELDS = 64
 FORM = "application/x-www-form-urlencoded"
 
 
 def parse_form(body: bytes) -> dict[str, list[str]]:
-    """An urlencoded body as name -> every value; malformed input is ``invalid_request``."""
+    """
+    An urlencoded body as name -> every value; malformed input is
+    ``invalid_request``.  Only the body: parameters in the query string are
+    never mixed in, and names like ``a[b][c]`` are plain names.
+    """
     try:
         text = body.decode("utf-8")
         return parse_qs(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
     except (UnicodeDecodeError, ValueError):
-        raise policy.invalid_request("malformed form body") from None
-
-
-def form_fields(request: IRequest, body: bytes) -> dict[str, list[str]]:
-    """
-    The fields of an urlencoded body.  Twisted has already parsed it into
-    ``request.args`` (together with any query string): that parse is reused
-    when there is no query string to mix in, else the body is parsed alone.
-    """
-    if b"?" in request.uri or not request.args:
-        return parse_form(body)
-    if sum(len(values) for values in request.args.values()) > MAX_FORM_FIELDS:
-        raise policy.invalid_request("malformed form body")
-    try:
-        return {
-            name.decode("utf-8"): [value.decode("utf-8") for value in values]
-            for name, values in request.args.items()
-        }
-    except UnicodeDecodeError:
         raise policy.invalid_request("malformed form body") from None
 
 
@@ -120,7 +109,7 @@ class TokenExchangeAPI:
             raise
         if media_type(request) != FORM:
             raise policy.invalid_request(f"the body must be {FORM}")
-        token_request = policy.parse_token_request(form_fields(request, body), self.require_subject_token_type)
+        token_request = policy.parse_token_request(parse_form(body), self.require_subject_token_type)
         if token_request.is_api_key:
             return await self.api_key_via_token_endpoint(request, token_request)
         issued = await self.issuer.exchange(token_request)
@@ -165,9 +154,11 @@ class TokenExchangeAPI:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             document = None
-        key = document.get("api_key") if isinstance(document, dict) else None
-        if not isinstance(document, dict) or (key is not None and not isinstance(key, str)):
+        # An absent key is a missing key (401); one present but not a string
+        # (null included) is a malformed body.
+        if not isinstance(document, dict) or not isinstance(document.get("api_key", ""), str):
             raise APIError(400, {"error": "invalid request body"}, NO_STORE)
+        key = document.get("api_key")
         try:
             token = await self.api_keys.exchange(profile, key)
         except UnknownProfile:
@@ -191,7 +182,7 @@ class TokenExchangeAPI:
     def openid_configuration(self, request: IRequest) -> bytes:
         return json_response(request, metadata(self.issuer_url, self.signer.algorithm))
 
-    @app.route("/ext_authz/", branch=True)
+    @app.route(EXT_AUTHZ_PREFIX, branch=True)
     def ext_authz_http(self, request: IRequest) -> IResource:
         """Envoy's HTTP-mode checks, served by the ext_authz front when it is on."""
         if self.ext_authz is None:

@@ -13,7 +13,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
 from jwtlet import config as configuration
-from jwtlet import keys
+from jwtlet import exchange, keys, management
 from jwtlet.daemon import Providers, build_apis
 from jwtlet.discovery import build, discover
 from jwtlet.exchange import TokenExchangeAPI
@@ -21,6 +21,7 @@ from jwtlet.interfaces import PluginContext
 from jwtlet.management import ManagementAPI
 from jwtlet.metrics import Metrics
 from jwtlet.testing.fakes import StaticValidator, service_account
+from jwtlet.web import BodyLimits, DrainingSite
 
 CLIENT_AUDIENCE = "https://kubernetes.test"
 ADMIN = service_account("platform", "admin")
@@ -86,9 +87,22 @@ def make_apps(tmp_path: Path, overrides: Optional[dict[str, Any]] = None) -> App
         metrics=metrics,
         token_api=token_api,
         management_api=management_api,
-        token=StubTreq(token_api.app.resource()),
-        management=StubTreq(management_api.app.resource()),
+        token=served(token_api.app.resource(), exchange.BODY_LIMITS),
+        management=served(management_api.app.resource(), BodyLimits(management.MAX_BODY)),
     )
+
+
+def served(resource: Any, body_limits: BodyLimits) -> StubTreq:
+    """
+    A StubTreq whose requests reach ``resource`` through the daemon's own
+    :class:`DrainingSite` (its Request class, body limits, no form parsing)
+    instead of the plain Site treq builds, so a test sees what a client of
+    the daemon sees.  treq has no public way to pass the Site in.
+    """
+    stub = StubTreq(resource)
+    agent = stub._agent  # type: ignore[attr-defined]
+    agent._serverFactory = DrainingSite(resource, body_limits=body_limits, reactor=agent._memoryReactor)
+    return stub
 
 
 

@@ -86,11 +86,12 @@ def test_revocation_takes_effect_on_the_next_request(apps: Apps) -> None:
 
 
 def test_bad_bodies_profiles_and_methods(apps: Apps) -> None:
-    for raw in (b"not json", b"[1,2]", b'"text"', b'{"api_key": 5}', b'{"api_key": null}'):
+    # A present api_key that is not a string (null included) is a bad body; an absent one is a bad key.
+    for raw in (b"not json", b"[1,2]", b'"text"', b'{"api_key": 5}', b'{"api_key": null}', b"[[[[[[[[[["):
         reply = v0(apps, "integration", None, raw=raw)
-        expected = (401, {"error": "invalid API key"}) if raw == b'{"api_key": null}' else \
-            (400, {"error": "invalid request body"})
-        assert (reply.code, reply.json()) == expected, raw
+        assert (reply.code, reply.json()) == (400, {"error": "invalid request body"}), raw
+    absent = v0(apps, "integration", {})
+    assert (absent.code, absent.json()) == (401, {"error": "invalid API key"})
     missing = v0(apps, "nope", {"api_key": new_key(apps)})
     assert (missing.code, missing.json()) == (404, {"error": "unknown profile"})
     wrong = call(apps.token, "GET", f"{URL}/v0/token/integration")
@@ -163,3 +164,12 @@ def test_a_stored_key_is_never_readable_through_management(apps: Apps) -> None:
     assert secret not in listing.body.decode()
     digest = apikeys.digest(secret)
     assert digest.hex() not in listing.body.decode()
+
+
+def test_a_flood_of_bad_keys_does_not_spend_the_global_budget_of_good_ones(tmp_path: Path) -> None:
+    """An attacker sprays invalid keys under a global limit: the integration's valid key still works."""
+    apps = make_apps(tmp_path, {**PROFILES, "rate_limits": {"global_per_sec": 2}})
+    key = new_key(apps)
+    for attempt in range(50):
+        assert v0(apps, "integration", {"api_key": f"jwtk.acme.k1.forged{attempt}"}).code == 401
+    assert v0(apps, "integration", {"api_key": key}).code == 200

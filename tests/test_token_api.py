@@ -229,12 +229,12 @@ def test_rate_limits_answer_429_with_retry_after(tmp_path: Path) -> None:
     assert exchange(apps, subject_token="forged").code == 400, "invalid tokens are not counted per client"
 
 
-def test_global_rate_limit_sheds_before_validation(tmp_path: Path) -> None:
+def test_global_rate_limit_counts_only_validated_tokens(tmp_path: Path) -> None:
     apps = make_apps(tmp_path, {"rate_limits": {"global_per_sec": 1}})
-    exchange(apps, subject_token="forged")
-    calls = apps.validator.calls
+    settled(apps.store().add_mapping(ResourceMapping(WORKLOAD.username, "ctx")))
+    assert [exchange(apps, subject_token="forged").code for _ in range(3)] == [400, 400, 400]
+    assert exchange(apps).code == 200, "rejected tokens never use up the budget of valid clients"
     assert exchange(apps).code == 429
-    assert apps.validator.calls == calls, "no validation work once over the global limit"
 
 
 def test_replayed_subject_tokens_are_refused_when_configured(tmp_path: Path) -> None:
@@ -255,3 +255,17 @@ def test_query_string_parameters_are_not_mixed_into_the_form(apps: Apps) -> None
     too_many = "&".join(f"f{index}=x" for index in range(100))
     reply = call(apps.token, "POST", f"{URL}/token", data=too_many.encode(), headers=FORM)
     assert_refused(reply, 400, "invalid_request")
+
+
+def test_an_api_key_present_but_not_a_string_is_a_malformed_body(tmp_path: Path) -> None:
+    apps = make_apps(tmp_path, {"api_keys": {"profiles": {"integration": {"audience": "integration"}}}})
+
+    def v0(body: bytes) -> Reply:
+        return call(apps.token, "POST", f"{URL}/v0/token/integration", data=body,
+                    headers={"Content-Type": "application/json"})
+
+    for body in (b'{"api_key": null}', b'{"api_key": 5}', b'{"api_key": ["k"]}'):
+        reply = v0(body)
+        assert (reply.code, reply.json()) == (400, {"error": "invalid request body"}), body
+    absent = v0(b'{"key": "jwtk.a.b.c"}')
+    assert (absent.code, absent.json()) == (401, {"error": "invalid API key"}), "a missing key is a bad key"
