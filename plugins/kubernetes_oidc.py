@@ -6,18 +6,20 @@ A token's ``iss`` only selects one of the configured issuers; it never causes
 a fetch from anywhere else.  Keys come from a static JWKS file, a configured
 ``jwks_uri``, or the ``jwks_uri`` of the issuer's discovery document.
 Algorithms are pinned by key type; ``none`` and HMAC are never accepted.
+
+An identity is the issuer's ``username_prefix`` plus the service account's
+username, so the same account name in two trusted clusters is two callers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
-from urllib.parse import urlsplit
 
 import attrs
+import treq
 from jwcrypto.common import JWException, base64url_decode
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
@@ -49,6 +51,9 @@ UNKNOWN_KID_REFETCH_SECS = 10.0
 BACKOFF_FIRST_SECS = 1.0
 BACKOFF_MAX_SECS = 30.0
 FETCH_TIMEOUT_SECS = 5.0
+#: Discovery documents and JWKS are a few KiB; a peer sending more is not
+#: buffered past this.
+MAX_DOCUMENT_BYTES = 1024 * 1024
 
 _RSA = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "EdDSA", "Ed448": "EdDSA"}
@@ -57,10 +62,11 @@ _BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "E
 def algorithms_for(key: Mapping[str, Any]) -> frozenset[str]:
     """The JWS algorithms a JWK may verify, by its type (and curve)."""
     kty = key.get("kty")
+    crv = key.get("crv")
     if kty == "RSA":
         return _RSA
-    if kty in ("EC", "OKP") and key.get("crv") in _BY_CURVE:
-        return frozenset({_BY_CURVE[key["crv"]]})
+    if kty in ("EC", "OKP") and isinstance(crv, str) and crv in _BY_CURVE:
+        return frozenset({_BY_CURVE[crv]})
     return frozenset()
 
 
@@ -78,16 +84,17 @@ class KeySet:
         for entry in document["keys"]:
             if not isinstance(entry, Mapping) or entry.get("use", "sig") != "sig":
                 continue
+            kid = entry.get("kid")
             algorithms = algorithms_for(entry)
-            if not algorithms:
+            if not algorithms or (kid is not None and not isinstance(kid, str)):
                 continue
             try:
                 key = JWK(**{k: v for k, v in entry.items() if k in _PUBLIC_MEMBERS})
-            except (JWException, ValueError, TypeError):
-                continue
+            except (JWException, ValueError, TypeError, AttributeError):
+                continue  # a key that does not import is skipped, as RFC 7517 §5 asks
             if key.has_private:
                 continue
-            keys[entry.get("kid")] = (key, algorithms)
+            keys[kid] = (key, algorithms)
         return cls(keys)
 
     def find(self, kid: Optional[str]) -> Optional[tuple[JWK, frozenset[str]]]:
@@ -113,7 +120,7 @@ class StaticKeys:
             stat = self.path.stat()
             signature = (stat.st_mtime_ns, stat.st_size)
             if self._keys is None or signature != self._signature:
-                self._keys = KeySet.parse(json.loads(self.path.read_text(encoding="utf-8")))
+                self._keys = KeySet.parse(k8s_identity.strict_json(self.path.read_bytes()))
                 self._signature = signature
         except (OSError, ValueError) as error:
             raise DependencyUnavailable(f"JWKS file {self.path}: {error}") from None
@@ -129,6 +136,11 @@ class RemoteKeys:
     A JWKS fetched over HTTP(S): cached for ``ttl``, refetched at most once per
     10 s for an unknown ``kid``, served stale up to ``2 × ttl`` while fetches
     fail (retried with backoff 1 s doubling to 30 s).
+
+    A discovered ``jwks_uri`` that breaks the outbound rule (plain http to a
+    host that is not loopback, outside ``--dev``) makes the issuer unusable:
+    it is never fetched (so the bearer token never goes there), cached keys
+    are dropped, and the refusal is logged once per URI.
     """
 
     issuer: str
@@ -137,8 +149,10 @@ class RemoteKeys:
     reactor: Any
     ttl: float
     bearer: Optional[TokenFile] = None
+    dev: bool = False
     on_refresh: Callable[[str], None] = lambda outcome: None
     _keys: Optional[KeySet] = None
+    _refused_uri: Optional[str] = None
     _fetched_at: float = -1e18
     _refetched_at: float = -1e18
     _failures: int = 0
@@ -195,8 +209,9 @@ class RemoteKeys:
             delay = min(BACKOFF_MAX_SECS, BACKOFF_FIRST_SECS * 2 ** (self._failures - 1))
             self._next_attempt = self.reactor.seconds() + delay
             self.on_refresh("failure")
-            log.warn("JWKS fetch for {issuer} failed ({reason}); next try in {delay}s",
-                     issuer=self.issuer, reason=str(error), delay=delay)
+            if not isinstance(error, RefusedJwksUri):  # that one was logged when first seen
+                log.warn("JWKS fetch for {issuer} failed ({reason}); next try in {delay}s",
+                         issuer=self.issuer, reason=str(error), delay=delay)
             raise DependencyUnavailable(f"JWKS of {self.issuer}: {error}") from None
         self._keys = keys
         self._fetched_at = self.reactor.seconds()
@@ -208,8 +223,18 @@ class RemoteKeys:
     async def _discover(self) -> str:
         document = await self._get_json(f"{self.issuer.rstrip('/')}/.well-known/openid-configuration")
         uri = document.get("jwks_uri") if isinstance(document, Mapping) else None
-        if not isinstance(uri, str) or urlsplit(uri).scheme not in ("https", "http"):
+        if not isinstance(uri, str):
             raise ValueError("the discovery document has no jwks_uri")
+        problem = k8s_identity.outbound_url_problem(uri, self.dev)
+        if problem is not None:
+            self._keys = None
+            if uri != self._refused_uri:
+                self._refused_uri = uri
+                log.error("the discovery document of {issuer} names jwks_uri {uri!r}, which {problem}: "
+                          "tokens of this issuer are refused until it is fixed",
+                          issuer=self.issuer, uri=uri, problem=problem)
+            raise RefusedJwksUri(f"discovered jwks_uri {problem}")
+        self._refused_uri = None
         return uri
 
     async def _get_json(self, url: str) -> Any:
@@ -219,11 +244,22 @@ class RemoteKeys:
                 headers["Authorization"] = [f"Bearer {self.bearer.read()}"]
             except (OSError, ValueError) as error:
                 raise DependencyUnavailable(f"bearer token file: {error}") from None
+        chunks: list[bytes] = []
+        received = 0
+
+        def collect(data: bytes) -> None:
+            nonlocal received
+            received += len(data)
+            if received > MAX_DOCUMENT_BYTES:
+                raise ValueError("document too large")
+            chunks.append(data)
+
         try:
             response = await self.http_client.get(
                 url, headers=headers, timeout=FETCH_TIMEOUT_SECS, reactor=self.reactor
             )
-            body = await response.content()
+            # Read even an error's body, so the connection can go back to the pool.
+            await treq.collect(response, collect)
         except CancelledError:
             raise DependencyUnavailable(f"{url}: timed out") from None
         except Exception as error:
@@ -231,75 +267,59 @@ class RemoteKeys:
         if response.code != 200:
             raise DependencyUnavailable(f"{url}: HTTP {response.code}")
         try:
-            return json.loads(body)
-        except ValueError:
-            raise ValueError(f"{url}: not JSON") from None
+            return k8s_identity.strict_json(b"".join(chunks))
+        except ValueError as error:
+            raise ValueError(f"{url}: not usable JSON ({error})") from None
+
+
+class RefusedJwksUri(DependencyUnavailable):
+    """The discovery document names a ``jwks_uri`` jwtlet must not connect to."""
 
 
 @attrs.frozen
 class Issuer:
     issuer: str
     keys: Any
+    username_prefix: str = ""
 
 
 def _unverified(token: str) -> tuple[JWS, Mapping[str, Any], Mapping[str, Any]]:
+    """
+    Header and claims, read strictly before jwcrypto sees the token: whatever
+    a hostile token holds (nesting past the recursion limit, huge integers,
+    invalid UTF-8, duplicate members, NaN) is a rejection, never a crash.
+    """
     if len(token) > MAX_TOKEN_BYTES:
         raise TokenRejected("token too large")
-    if token.count(".") != 2:
+    parts = token.split(".")
+    if len(parts) != 3:
         raise TokenRejected("not a compact JWS")
     signed = JWS()
     try:
+        header = k8s_identity.strict_json(base64url_decode(parts[0]))
+        claims = k8s_identity.strict_json(base64url_decode(parts[1]))
         signed.deserialize(token)
-        header = signed.jose_header
-        # Duplicate members are refused outright (RFC 7515 §4): parsers that
-        # keep the first and parsers that keep the last would disagree.
-        _strict_json(base64url_decode(token.split(".", 1)[0]))
-        claims = _strict_json(signed.objects["payload"])
-    except (JWException, ValueError, KeyError, TypeError) as error:
+    except (JWException, ValueError) as error:
         raise TokenRejected(f"malformed token ({type(error).__name__})") from None
     if not isinstance(header, Mapping) or not isinstance(claims, Mapping):
-        raise TokenRejected("malformed token")
+        raise TokenRejected("malformed token (not a JSON object)")
     return signed, header, claims
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    members = dict(pairs)
-    if len(members) != len(pairs):
-        raise ValueError("duplicate member")
-    return members
-
-
-def _strict_json(data: bytes) -> Any:
-    return json.loads(data, object_pairs_hook=_no_duplicates)
-
-
-def _number(claims: Mapping[str, Any], name: str) -> Optional[float]:
-    value = claims.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < 1e13:
-        raise TokenRejected(f"'{name}' is not a NumericDate")
-    return float(value)
-
-
-def check_claims(claims: Mapping[str, Any], audience: Optional[str], now: float, leeway: float) -> None:
-    """Registered claims against an injected clock (jwcrypto would read the wall clock)."""
-    expires = _number(claims, "exp")
-    if expires is None:
-        raise TokenRejected("no 'exp'")
-    if now > expires + leeway:
-        raise TokenRejected("expired")
-    not_before = _number(claims, "nbf")
-    if not_before is not None and now + leeway < not_before:
-        raise TokenRejected("not yet valid")
-    issued = _number(claims, "iat")
-    if issued is not None and now + leeway < issued:
-        raise TokenRejected("issued in the future")
+def check_claims(
+    claims: Mapping[str, Any], audience: Optional[str], now: float, leeway: float, max_age: float
+) -> float:
+    """
+    Registered claims against an injected clock (jwcrypto would read the wall
+    clock); returns the instant the token stops being usable, before leeway.
+    """
+    usable_until = k8s_identity.usable_until(claims, now, leeway, max_age)
     if audience is not None:
         aud = claims.get("aud")
         audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if audience not in audiences:
             raise TokenRejected("audience not accepted")
+    return usable_until
 
 
 @implementer(IValidator, IReadiness)
@@ -314,6 +334,7 @@ class OIDCValidator:
     issuers: Mapping[str, Issuer]
     reactor: Any
     leeway: float
+    max_age: float
     on_jwks_refresh: Callable[[str], None] = lambda outcome: None
     _validated: OrderedDict[bytes, tuple[Identity, float]] = attrs.field(factory=OrderedDict)
 
@@ -332,8 +353,8 @@ class OIDCValidator:
 
     async def _validate(self, token: str, audience: Optional[str], now: float, cache_key: bytes) -> Identity:
         identity = await self._verify(token, audience, now)
-        expires = identity.expires_at if identity.expires_at is not None else now
-        self._validated[cache_key] = (identity, min(expires + self.leeway, now + VALIDATED_CACHE_SECS))
+        accepted_until = identity.accepted_until if identity.accepted_until is not None else now
+        self._validated[cache_key] = (identity, min(accepted_until, now + VALIDATED_CACHE_SECS))
         self._validated.move_to_end(cache_key)
         while len(self._validated) > VALIDATED_CACHE_ENTRIES:
             self._validated.popitem(last=False)
@@ -363,21 +384,21 @@ class OIDCValidator:
             signed.verify(key, alg=algorithm)
         except JWException:
             raise TokenRejected("bad signature") from None
-        check_claims(claims, audience, now, self.leeway)
+        usable_until = check_claims(claims, audience, now, self.leeway, self.max_age)
         account = k8s_identity.from_claims(claims)
         if account is None:
             raise TokenRejected("not a service account token")
-        expires = _number(claims, "exp")
         token_id = claims.get("jti") if isinstance(claims.get("jti"), str) else None
         return Identity(
-            username=account.username,
+            username=issuer.username_prefix + account.username,
             issuer=issuer.issuer,
             uid=account.uid,
             namespace=account.namespace,
             name=account.name,
             groups=account.groups,
-            expires_at=expires,
+            expires_at=usable_until,
             token_id=token_id,
+            accepted_until=usable_until + self.leeway,
         )
 
     def check_ready(self) -> Deferred[None]:
@@ -398,15 +419,52 @@ class OIDCValidator:
 
 # -- options ------------------------------------------------------------------
 
-_ISSUER_KEYS = frozenset({"issuer", "jwks_uri", "jwks_file", "bearer_token_file", "ca_file"})
+_ISSUER_KEYS = frozenset({"issuer", "jwks_uri", "jwks_file", "bearer_token_file", "ca_file", "username_prefix"})
 _TOP_KEYS = frozenset({"issuers", "jwks_cache_ttl_secs", "leeway_secs", "api_server_url", "token_file", "ca_file"})
 
 
-def _url(value: Any, path: str, problems: list[str]) -> Optional[str]:
-    if not isinstance(value, str) or urlsplit(value).scheme not in ("https", "http") or not urlsplit(value).netloc:
-        problems.append(f"{path}: must be an absolute URL")
+def _url(value: Any, path: str, dev: bool, problems: list[str]) -> Optional[str]:
+    problem = k8s_identity.outbound_url_problem(value, dev)
+    if problem is not None:
+        problems.append(f"{path}: {problem}")
         return None
-    return value
+    return str(value)
+
+
+def _keys(entry: Mapping[str, Any], name: str, path: str, ttl: float, context: PluginContext,
+          problems: list[str]) -> Any:
+    """Where one issuer's keys come from, or ``None`` (with the problems noted)."""
+    jwks_file = entry.get("jwks_file")
+    jwks_uri = entry.get("jwks_uri")
+    if jwks_file is not None and jwks_uri is not None:
+        problems.append(f"{path}: give jwks_file or jwks_uri, not both")
+        return None
+    if jwks_file is not None:
+        if not isinstance(jwks_file, str) or not jwks_file:
+            problems.append(f"{path}.jwks_file: must be a path")
+            return None
+        return StaticKeys(Path(jwks_file))
+    if jwks_uri is not None and _url(jwks_uri, f"{path}.jwks_uri", context.config.dev, problems) is None:
+        return None
+    bearer_file = entry.get("bearer_token_file")
+    if bearer_file is not None and (not isinstance(bearer_file, str) or not bearer_file):
+        problems.append(f"{path}.bearer_token_file: must be a path")
+        return None
+    ca_file = entry.get("ca_file", getattr(getattr(context.config, "k8s", None), "ca_file", None))
+    client = (
+        build_http_client(context.reactor, ca_file=ca_file)
+        if entry.get("ca_file") is not None or context.http_client is None
+        else context.http_client
+    )
+    return RemoteKeys(
+        issuer=name,
+        jwks_uri=jwks_uri,
+        http_client=client,
+        reactor=context.reactor,
+        ttl=ttl,
+        bearer=TokenFile(bearer_file) if bearer_file else None,
+        dev=context.config.dev,
+    )
 
 
 @implementer(IPlugin, IValidatorFactory)
@@ -430,56 +488,33 @@ class OIDCValidatorFactory:
             problems.append("issuers: must list at least one issuer")
             entries = []
         issuers: dict[str, Issuer] = {}
-        default_ca = getattr(getattr(context.config, "k8s", None), "ca_file", None)
+        prefixes: list[tuple[str, str]] = []
         for index, entry in enumerate(entries):
             path = f"issuers[{index}]"
             if not isinstance(entry, Mapping):
                 problems.append(f"{path}: must be a table")
                 continue
             problems.extend(f"{path}.{key}: unknown key" for key in entry if key not in _ISSUER_KEYS)
-            name = _url(entry.get("issuer"), f"{path}.issuer", problems)
+            prefix = entry.get("username_prefix", "")
+            prefix_problem = k8s_identity.prefix_problem(prefix)
+            if prefix_problem is not None:
+                problems.append(f"{path}.username_prefix: {prefix_problem}")
+                prefix = ""
+            prefixes.append((f"{path}.username_prefix", prefix))
+            name = _url(entry.get("issuer"), f"{path}.issuer", context.config.dev, problems)
             if name is None:
                 continue
             if name in issuers:
                 problems.append(f"{path}.issuer: listed twice")
                 continue
-            jwks_file = entry.get("jwks_file")
-            jwks_uri = entry.get("jwks_uri")
-            if jwks_file is not None and jwks_uri is not None:
-                problems.append(f"{path}: give jwks_file or jwks_uri, not both")
-                continue
-            if jwks_file is not None:
-                if not isinstance(jwks_file, str) or not jwks_file:
-                    problems.append(f"{path}.jwks_file: must be a path")
-                    continue
-                issuers[name] = Issuer(name, StaticKeys(Path(jwks_file)))
-                continue
-            if jwks_uri is not None and _url(jwks_uri, f"{path}.jwks_uri", problems) is None:
-                continue
-            bearer_file = entry.get("bearer_token_file")
-            if bearer_file is not None and (not isinstance(bearer_file, str) or not bearer_file):
-                problems.append(f"{path}.bearer_token_file: must be a path")
-                continue
-            ca_file = entry.get("ca_file", default_ca)
-            client = (
-                build_http_client(context.reactor, ca_file=ca_file)
-                if entry.get("ca_file") is not None or context.http_client is None
-                else context.http_client
-            )
-            issuers[name] = Issuer(
-                name,
-                RemoteKeys(
-                    issuer=name,
-                    jwks_uri=jwks_uri,
-                    http_client=client,
-                    reactor=context.reactor,
-                    ttl=float(ttl),
-                    bearer=TokenFile(bearer_file) if bearer_file else None,
-                ),
-            )
+            keys = _keys(entry, name, path, float(ttl), context, problems)
+            if keys is not None:
+                issuers[name] = Issuer(name, keys, prefix)
+        problems.extend(k8s_identity.distinct_prefix_problems(prefixes))
         if problems:
             raise PluginConfigError(*problems)
-        return OIDCValidator(issuers=issuers, reactor=context.reactor, leeway=float(leeway))
+        return OIDCValidator(issuers=issuers, reactor=context.reactor, leeway=float(leeway),
+                             max_age=k8s_identity.max_subject_token_age(context.config))
 
 
 kubernetes_oidc = OIDCValidatorFactory()

@@ -40,13 +40,16 @@ async def start_cluster(clock: Any = None) -> Cluster:
     return Cluster(fake, server, build_http_client(reactor))
 
 
-def plugin_context(tmp_path: Path, cluster: Cluster, clock: Any = None, **k8s: Any) -> types.SimpleNamespace:
+def plugin_context(tmp_path: Path, cluster: Cluster, clock: Any = None, dev: bool = False,
+                   max_age: int = 86400, **k8s: Any) -> types.SimpleNamespace:
+    """What a validator factory gets from the daemon; ``k8s`` overrides the ``k8s`` table."""
     own_token = tmp_path / "own-token"
     own_token.write_text("jwtlet-own-token")
     settings = {"api_server_url": cluster.url, "token_file": str(own_token), "ca_file": str(tmp_path / "no-ca"),
                 "cluster_issuer": cluster.fake.issuer}
     settings.update(k8s)
-    config = types.SimpleNamespace(k8s=types.SimpleNamespace(**settings))
+    config = types.SimpleNamespace(k8s=types.SimpleNamespace(**settings), dev=dev,
+                                   token=types.SimpleNamespace(max_subject_token_age_secs=max_age))
     return types.SimpleNamespace(reactor=clock or reactor, clock=clock or reactor, http_client=cluster.client,
                                  config=config, data_dir=tmp_path)
 

@@ -1,8 +1,10 @@
 """
 The JWT attack catalogue, in one place, against the kubernetes-oidc validator
 (and TokenReview where only the API server can know): every forged, confused,
-oversized or replayed token is refused, and nothing a token says makes jwtlet
-fetch anything.
+oversized, stale or replayed token is refused, nothing a token says makes
+jwtlet fetch anything, hostile JSON from a client or an issuer endpoint is a
+rejection or a 503 and never a crash, and keys and bearer tokens never travel
+over plain http to a routable host.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Iterator
 
+import attrs
 import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import hashes
@@ -21,11 +24,16 @@ from jwcrypto.jwe import JWE
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
 from k8s_fixtures import CLIENT_AUDIENCE, Cluster, plugin_context
+from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 
-from jwtlet.interfaces import TokenRejected
-from jwtlet.plugins.kubernetes_oidc import kubernetes_oidc
+from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, TokenRejected
+from jwtlet.plugins.kubernetes_oidc import MAX_TOKEN_BYTES, kubernetes_oidc
 from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
+from jwtlet.testing.loopback import serve
 
 
 def b64(data: bytes) -> str:
@@ -142,3 +150,316 @@ async def test_replay_after_the_service_account_was_deleted(tmp_path: Path, clus
     await reviewer.validate(token, CLIENT_AUDIENCE)
     cluster.fake.delete_service_account("ns", "app")
     await refused(reviewer, token)
+
+
+# -- hostile JSON: every parse path refuses, none crashes -------------------------------------
+
+NESTED = b"[" * 11_000
+HUGE_INTEGER = b"1" * 5_000
+
+
+def hostile_payloads(cluster: Cluster) -> dict[str, bytes]:
+    """Claims a hostile client signs with a trusted key (or sends unsigned: it must not matter)."""
+    claims = json.dumps(good_claims(cluster))
+
+    def with_exp(literal: bytes) -> bytes:
+        return json.dumps(dict(good_claims(cluster), exp=0)).encode().replace(b'"exp": 0', b'"exp": ' + literal)
+
+    return {
+        "nested arrays past the recursion limit": NESTED,
+        "nested objects past the recursion limit": b'{"":' * 2_000 + b"1" + b"}" * 2_000,
+        "an integer past the int-digits limit": claims[:-1].encode() + b', "big": ' + HUGE_INTEGER + b"}",
+        "invalid UTF-8": claims[:-1].encode() + b', "name": "\xff\xfe"}',
+        "a JSON array": b"[" + claims.encode() + b"]",
+        "a JSON string": b'"system:serviceaccount:ns:app"',
+        "JSON null": b"null",
+        "NaN": claims[:-1].encode() + b', "extra": NaN}',
+        "Infinity as exp": with_exp(b"Infinity"),
+        "exp past float range": with_exp(b"1e400"),
+        "not JSON at all": b"\x00\x01garbage",
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_claims_are_rejections_never_crashes(validator: Any, cluster: Cluster) -> None:
+    """
+    An attacker holding (or not needing) a signing key puts payloads in the
+    claims that make naive parsers raise RecursionError, ValueError or
+    UnicodeDecodeError, or read NaN: every one is a TokenRejected.
+    """
+    kid = cluster.fake.keys[0].kid
+    for what, payload in hostile_payloads(cluster).items():
+        token = signed_raw(cluster, {"alg": "RS256", "kid": kid}, payload)
+        assert len(token) < MAX_TOKEN_BYTES, f"{what}: must reach the parser, not the size limit"
+        with pytest.raises(TokenRejected):
+            await validator.validate(token, CLIENT_AUDIENCE)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_headers_are_rejections_never_crashes(validator: Any, cluster: Cluster) -> None:
+    """The same hostile JSON in the JOSE header, which is parsed before any key is chosen."""
+    claims = json.dumps(good_claims(cluster)).encode()
+    kid = cluster.fake.keys[0].kid
+    for header in (NESTED, b'{"alg": "RS256", "kid": "' + kid.encode() + b'", "x": ' + HUGE_INTEGER + b"}",
+                   b'{"alg": "RS256", "kid": "\xff"}', b'{"alg": "RS256", "kid": "' + kid.encode() + b'", "x": NaN}',
+                   b'["RS256"]', b'"RS256"', b"{"):
+        await refused(validator, signed_raw(cluster, header, claims))
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_token_vouched_for_by_the_api_server_is_refused_not_a_crash(
+    tmp_path: Path, cluster: Cluster, clock: Clock
+) -> None:
+    """
+    TokenReview reads the claims only after the API server said yes; even a
+    token the API server accepted (a misbehaving authenticator) whose payload
+    is hostile is a rejection.
+    """
+    reviewer = kubernetes_tokenreview.build({}, plugin_context(tmp_path, cluster, clock))
+    account = {"username": "system:serviceaccount:ns:app", "groups": ["system:serviceaccounts"]}
+    for payload in hostile_payloads(cluster).values():
+        token = f"{b64(b'{}')}.{b64(payload)}.{b64(b'sig')}"
+        cluster.fake.users[token] = account
+        await refused(reviewer, token)
+
+
+# -- hostile issuer endpoints ---------------------------------------------------------------------
+
+
+class Documents(Resource):
+    """A hostile issuer: answers each path with the bytes it was given."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: dict[bytes, bytes] = {}
+
+    def render_GET(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        return self.bodies.get(request.path, b"{}")
+
+
+@pytest_twisted.async_yield_fixture
+async def hostile_issuer() -> AsyncIterator[tuple[Documents, str]]:
+    documents = Documents()
+    server = await serve(reactor, documents)
+    yield documents, server.url
+    await server.stop()
+
+
+def hostile_documents() -> list[bytes]:
+    return [
+        NESTED, b'{"keys": ' + NESTED + b"}", b'{"keys": [{"kty": "RSA", "e": ' + HUGE_INTEGER + b"}]}",
+        b'{"keys": []}\xff', b'{"keys": [], "keys": []}', b'{"keys": NaN}', b"[]", b"null", b"x" * (2 * 1024 * 1024),
+        json.dumps({"keys": [{"kty": "EC", "crv": ["P-256"]}, {"kty": "RSA", "kid": ["k"], "n": "AQAB", "e": "AQAB"},
+                             {"kty": "RSA", "n": 1, "e": {}}, {"kty": "OKP", "crv": "Ed25519", "x": None},
+                             {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}, "not a key"]}).encode(),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hostile_jwks_endpoint_never_crashes_the_validator(
+    tmp_path: Path, cluster: Cluster, clock: Clock, hostile_issuer: tuple[Documents, str]
+) -> None:
+    """
+    The JWKS endpoint answers deeply nested, oversized, non-UTF-8, duplicated
+    or nonsensical documents: tokens are refused or jwtlet is unavailable
+    (503), never an unhandled exception.
+    """
+    documents, url = hostile_issuer
+    token = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE])
+    for body in hostile_documents():
+        documents.bodies[b"/jwks"] = body
+        validator = kubernetes_oidc.build({"issuers": [{"issuer": cluster.fake.issuer, "jwks_uri": f"{url}/jwks"}]},
+                                          plugin_context(tmp_path, cluster, clock))
+        with pytest.raises((DependencyUnavailable, TokenRejected)):
+            await validator.validate(token, CLIENT_AUDIENCE)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hostile_discovery_document_never_crashes_the_validator(
+    tmp_path: Path, cluster: Cluster, clock: Clock, hostile_issuer: tuple[Documents, str]
+) -> None:
+    """The same for the issuer's discovery document: 503 and /ready down, never a crash."""
+    documents, url = hostile_issuer
+    token = cluster.fake.sign(dict(good_claims(cluster), iss=url))
+    for body in [*hostile_documents(), b'{"jwks_uri": ["http://127.0.0.1:1/"]}', b'{"jwks_uri": "http://[::1"}']:
+        documents.bodies[b"/.well-known/openid-configuration"] = body
+        validator = kubernetes_oidc.build({"issuers": [{"issuer": url}]}, plugin_context(tmp_path, cluster, clock))
+        with pytest.raises(DependencyUnavailable):
+            await validator.validate(token, CLIENT_AUDIENCE)
+        with pytest.raises(DependencyUnavailable):
+            await validator.check_ready()
+
+
+# -- tokens that live too long ----------------------------------------------------------------------
+
+
+def long_lived_pod_token(cluster: Cluster, issued_ago: int, warn_after: int = 3607) -> tuple[str, int]:
+    """
+    What the kubelet mounts for old clients: ``exp`` a year out, the real
+    limit in ``warnafter`` (returned too).
+    """
+    issued = int(cluster.fake.now()) - issued_ago
+    claims = cluster.fake.projected_claims("ns", "app", [CLIENT_AUDIENCE], ttl=365 * 86400, issued_at=issued)
+    claims["kubernetes.io"]["warnafter"] = issued + warn_after
+    return cluster.fake.sign(claims), issued + warn_after
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stolen_pod_token_past_warnafter_is_expired(validator: Any, cluster: Cluster) -> None:
+    """
+    An attacker replays a pod token taken from a node an hour and a half ago:
+    its ``exp`` is a year out, but its ``warnafter`` (the real limit) has
+    passed, so it is refused as expired.  Within the leeway it still passes.
+    """
+    stolen, _ = long_lived_pod_token(cluster, issued_ago=5400)
+    with pytest.raises(TokenRejected, match="warnafter"):
+        await validator.validate(stolen, CLIENT_AUDIENCE)
+    recent, warn_after = long_lived_pod_token(cluster, issued_ago=3607 + 29)
+    identity = await validator.validate(recent, CLIENT_AUDIENCE)
+    assert identity.accepted_until == warn_after + 30, "warnafter plus leeway, not a year"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_older_than_the_maximum_age_is_refused(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
+    """
+    An attacker replays a long-lived token (``exp`` far out, no warnafter)
+    issued longer ago than ``token.max_subject_token_age_secs``: refused.
+    """
+    context = plugin_context(tmp_path, cluster, clock, max_age=600)
+    validator = kubernetes_oidc.build({"issuers": [{"issuer": cluster.fake.issuer, "bearer_token_file": str(
+        tmp_path / "own-token")}], "leeway_secs": 30}, context)
+    issued = int(clock.seconds())
+    old = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE], ttl=86400, issued_at=issued - 631)
+    with pytest.raises(TokenRejected, match="max_subject_token_age_secs"):
+        await validator.validate(old, CLIENT_AUDIENCE)
+    recent = await validator.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE], ttl=86400,
+                                                        issued_at=issued - 629), CLIENT_AUDIENCE)
+    assert recent.accepted_until == issued - 629 + 600 + 30
+
+    reviewer = kubernetes_tokenreview.build({"cache_ttl_secs": 0}, context)
+    with pytest.raises(TokenRejected, match="max_subject_token_age_secs"):
+        await reviewer.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE], ttl=86400,
+                                                  issued_at=issued - 661), CLIENT_AUDIENCE)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_api_server_accepting_a_token_past_warnafter_does_not_make_it_acceptable(
+    tmp_path: Path, cluster: Cluster, clock: Clock
+) -> None:
+    """The API server only warns about stale pod tokens; TokenReview mode still refuses them."""
+    reviewer = kubernetes_tokenreview.build({"cache_ttl_secs": 0}, plugin_context(tmp_path, cluster, clock))
+    await refused(reviewer, long_lived_pod_token(cluster, issued_ago=5400)[0])
+    assert cluster.fake.requests["tokenreviews"] == 1, "the API server said yes; jwtlet said no"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_without_iat_is_refused(validator: Any, cluster: Cluster) -> None:
+    """
+    A token without ``iat`` cannot have its age bounded, so it is refused even
+    with a valid signature and ``exp``; legacy secret-based tokens (no ``iat``,
+    no ``exp``, never expiring) are refused for the same reason.
+    """
+    claims = good_claims(cluster)
+    del claims["iat"]
+    with pytest.raises(TokenRejected, match="no 'iat'"):
+        await validator.validate(cluster.fake.sign(claims), CLIENT_AUDIENCE)
+    prefix = "kubernetes.io/serviceaccount/"
+    legacy = {"iss": cluster.fake.issuer, "aud": CLIENT_AUDIENCE, f"{prefix}namespace": "ns",
+              f"{prefix}service-account.name": "app", "sub": "system:serviceaccount:ns:app"}
+    await refused(validator, cluster.fake.sign(legacy))
+
+
+# -- where the validator may connect ------------------------------------------------------------------
+
+
+def test_plaintext_issuer_and_jwks_uri_are_config_errors(tmp_path: Path, cluster: Cluster) -> None:
+    """
+    An operator configures an http issuer or jwks_uri on a routable host,
+    where anyone on the path could swap the keys or read the bearer token:
+    refused at config time, each one reported; loopback and --dev are fine.
+    """
+    options = {"issuers": [
+        {"issuer": "http://kubernetes.example"},
+        {"issuer": "https://kubernetes-b.example", "jwks_uri": "http://kubernetes-b.example/openid/v1/jwks",
+         "username_prefix": "b:"},
+    ]}
+    with pytest.raises(PluginConfigError) as raised:
+        kubernetes_oidc.build(options, plugin_context(tmp_path, cluster))
+    assert raised.value.messages == (
+        "issuers[0].issuer: must be https (http only to a loopback host or with --dev)",
+        "issuers[1].jwks_uri: must be https (http only to a loopback host or with --dev)",
+    )
+    kubernetes_oidc.build(options, plugin_context(tmp_path, cluster, dev=True))
+    kubernetes_oidc.build({"issuers": [{"issuer": "http://127.0.0.1:6443", "jwks_uri": "http://[::1]:6443/jwks"}]},
+                          plugin_context(tmp_path, cluster))
+    with pytest.raises(PluginConfigError) as raised:
+        kubernetes_tokenreview.build({"api_server_url": "http://kubernetes.example"}, plugin_context(tmp_path, cluster))
+    assert raised.value.messages == ("api_server_url: must be https (http only to a loopback host or with --dev)",)
+
+
+@attrs.define
+class RecordingClient:
+    """The validator's HTTP client, recording every URL asked for and the Authorization sent."""
+
+    client: Any
+    sent: list[tuple[str, Any]] = attrs.field(factory=list)
+
+    def get(self, url: str, **kwargs: Any) -> Any:
+        self.sent.append((url, kwargs.get("headers", {}).get("Authorization")))
+        return self.client.get(url, **kwargs)
+
+
+@pytest.fixture
+def errors_logged() -> Iterator[list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "jwtlet.validator.oidc" and event["log_level"] >= LogLevel.warn:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_discovered_plaintext_jwks_uri_makes_the_issuer_unusable(
+    tmp_path: Path, cluster: Cluster, clock: Clock, errors_logged: list[dict[str, Any]]
+) -> None:
+    """
+    The issuer's discovery document (changed by an attacker, or misconfigured)
+    points jwks_uri at plain http on a routable host: jwtlet never fetches it,
+    so the bearer token never goes there; keys it already had are dropped;
+    tokens get 503 and /ready is down; the refusal is logged once, not per
+    request.
+    """
+    bearer = tmp_path / "bearer"
+    bearer.write_text("jwtlet-own-token")
+    context = plugin_context(tmp_path, cluster, clock)
+    recording = RecordingClient(cluster.client)
+    context.http_client = recording
+    validator = kubernetes_oidc.build(
+        {"issuers": [{"issuer": cluster.fake.issuer, "bearer_token_file": str(bearer)}], "jwks_cache_ttl_secs": 60},
+        context)
+    await validator.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE]), CLIENT_AUDIENCE)
+
+    cluster.fake.url = "http://jwks.attacker.example"
+    clock.advance(61)
+    for _ in range(5):
+        with pytest.raises(DependencyUnavailable):
+            await validator.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE]), CLIENT_AUDIENCE)
+        with pytest.raises(DependencyUnavailable):
+            await validator.check_ready()
+        clock.advance(31)  # past the backoff: discovery is read again each time
+    assert [url for url, _ in recording.sent if "attacker" in url] == []
+    assert {url for url, _ in recording.sent} == {f"{cluster.url}/.well-known/openid-configuration",
+                                                  f"{cluster.url}/openid/v1/jwks"}
+    assert len(errors_logged) == 1, [event["log_format"] for event in errors_logged]
+    assert "jwks.attacker.example" in errors_logged[0]["uri"]
+
+    cluster.fake.url = cluster.url
+    await validator.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE]), CLIENT_AUDIENCE)
+    await validator.check_ready()

@@ -73,11 +73,11 @@ async def test_identity_from_legacy_flat_claims_and_from_sub(tmp_path: Path, clu
     now = int(clock.seconds())
     prefix = "kubernetes.io/serviceaccount/"
     legacy = cluster.fake.sign({
-        "iss": cluster.fake.issuer, "aud": CLIENT_AUDIENCE, "exp": now + 60, f"{prefix}namespace": "ns",
+        "iss": cluster.fake.issuer, "aud": CLIENT_AUDIENCE, "iat": now, "exp": now + 60, f"{prefix}namespace": "ns",
         f"{prefix}service-account.name": "app", f"{prefix}service-account.uid": "u-1",
     })
     assert (await validator.validate(legacy, CLIENT_AUDIENCE)).uid == "u-1"
-    plain = cluster.fake.sign({"iss": cluster.fake.issuer, "aud": [CLIENT_AUDIENCE], "exp": now + 60,
+    plain = cluster.fake.sign({"iss": cluster.fake.issuer, "aud": [CLIENT_AUDIENCE], "iat": now, "exp": now + 60,
                                "sub": "system:serviceaccount:ns:app"})
     assert (await validator.validate(plain, CLIENT_AUDIENCE)).username == "system:serviceaccount:ns:app"
 
@@ -227,10 +227,15 @@ def rs256_by_hand(fake: Any, header: dict[str, Any], claims: dict[str, Any]) -> 
     return f"{signing_input}.{b64(signature)}"
 
 
+def option_context(tmp_path: Path, dev: bool = False) -> Any:
+    config = types.SimpleNamespace(k8s=types.SimpleNamespace(ca_file=None), dev=dev,
+                                   token=types.SimpleNamespace(max_subject_token_age_secs=86400))
+    return types.SimpleNamespace(reactor=Clock(), clock=Clock(), http_client=object(), config=config,
+                                 data_dir=tmp_path)
+
+
 def test_option_problems_are_reported_together(tmp_path: Path) -> None:
-    ctx = types.SimpleNamespace(reactor=Clock(), clock=Clock(), http_client=object(),
-                                config=types.SimpleNamespace(k8s=types.SimpleNamespace(ca_file=None)),
-                                data_dir=tmp_path)
+    ctx = option_context(tmp_path)
     with pytest.raises(PluginConfigError) as raised:
         kubernetes_oidc.build({"issuers": [{"issuer": "not a url", "colour": 1}, "x"], "leeway_secs": -1,
                                "jwks_cache_ttl_secs": 0, "extra": True}, ctx)
@@ -239,7 +244,7 @@ def test_option_problems_are_reported_together(tmp_path: Path) -> None:
         "jwks_cache_ttl_secs: must be a positive number",
         "leeway_secs: must be between 0 and 300",
         "issuers[0].colour: unknown key",
-        "issuers[0].issuer: must be an absolute URL",
+        "issuers[0].issuer: must be an absolute https URL",
         "issuers[1]: must be a table",
     ])
     with pytest.raises(PluginConfigError) as raised:
@@ -267,3 +272,43 @@ async def test_a_validated_token_is_remembered_briefly_and_never_past_exp(
     clock.advance(60)
     await rejected(validator, long_lived)
     await rejected(validator, long_lived, audience="another-audience")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_is_remembered_for_replay_as_long_as_it_is_accepted(
+    tmp_path: Path, cluster: Cluster, clock: Clock
+) -> None:
+    """``accepted_until`` is ``exp`` plus the leeway: the last instant the same token would pass again."""
+    validator = build(tmp_path, cluster, clock)
+    claims = cluster.fake.projected_claims("ns", "app", [CLIENT_AUDIENCE], ttl=600)
+    identity = await validator.validate(cluster.fake.sign(claims), CLIENT_AUDIENCE)
+    assert (identity.expires_at, identity.accepted_until) == (claims["exp"], claims["exp"] + 30)
+    clock.advance(claims["exp"] + 30 - clock.seconds())
+    await validator.validate(cluster.fake.sign(claims), CLIENT_AUDIENCE)
+    clock.advance(0.5)
+    await rejected(validator, cluster.fake.sign(claims))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_username_prefix_is_prepended_to_the_username_only(
+    tmp_path: Path, cluster: Cluster, clock: Clock
+) -> None:
+    validator = build(tmp_path, cluster, clock, issuer_options={"username_prefix": "cluster-b:"})
+    identity = await validator.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE]), CLIENT_AUDIENCE)
+    assert identity.username == "cluster-b:system:serviceaccount:ns:app"
+    assert (identity.namespace, identity.name, identity.issuer) == ("ns", "app", cluster.fake.issuer)
+    assert identity.uid == cluster.fake.accounts[("ns", "app")]
+
+
+def test_prefix_problems(tmp_path: Path) -> None:
+    with pytest.raises(PluginConfigError) as raised:
+        kubernetes_oidc.build({"issuers": [
+            {"issuer": "https://a.example", "jwks_file": "/a", "username_prefix": 7},
+            {"issuer": "https://b.example", "jwks_file": "/b", "username_prefix": "x:"},
+            {"issuer": "https://c.example", "jwks_file": "/c", "username_prefix": "x:"},
+        ]}, option_context(tmp_path))
+    assert raised.value.messages == (
+        "issuers[0].username_prefix: must be a string",
+        "issuers[2].username_prefix: 'x:' is also the prefix of issuers[1].username_prefix; with several issuers "
+        "each needs its own, or one cluster's service accounts act as another's",
+    )

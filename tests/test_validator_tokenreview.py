@@ -127,8 +127,9 @@ def test_option_problems(tmp_path: Path) -> None:
 
     ctx = types.SimpleNamespace(
         reactor=Clock(), clock=Clock(), http_client=object(), data_dir=tmp_path,
-        config=types.SimpleNamespace(k8s=types.SimpleNamespace(
-            api_server_url=None, token_file="/t", ca_file="/c", cluster_issuer="https://k")),
+        config=types.SimpleNamespace(dev=False, token=types.SimpleNamespace(max_subject_token_age_secs=86400),
+                                     k8s=types.SimpleNamespace(api_server_url=None, token_file="/t", ca_file="/c",
+                                                               cluster_issuer="https://k")),
     )
     with pytest.raises(PluginConfigError) as raised:
         kubernetes_tokenreview.build({"cache_ttl_secs": 60, "timeout_secs": 0, "bogus": 1}, ctx)
@@ -138,3 +139,20 @@ def test_option_problems(tmp_path: Path) -> None:
         "cache_ttl_secs: must be between 0 and 10",
         "timeout_secs: must be between 0 and 60",
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefix_and_replay_window(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
+    """
+    The username carries ``username_prefix``; ``accepted_until`` covers the
+    API server's own minute of leeway past ``exp``.
+    """
+    validator = build(tmp_path, cluster, clock, username_prefix="cluster-b:")
+    claims = cluster.fake.projected_claims("ns", "app", [CLIENT_AUDIENCE], ttl=600)
+    identity = await validator.validate(cluster.fake.sign(claims), CLIENT_AUDIENCE)
+    assert identity.username == "cluster-b:system:serviceaccount:ns:app"
+    assert (identity.namespace, identity.name) == ("ns", "app")
+    assert (identity.expires_at, identity.accepted_until) == (claims["exp"], claims["exp"] + 60)
+    with pytest.raises(PluginConfigError) as raised:
+        build(tmp_path, cluster, clock, username_prefix=["x"])
+    assert raised.value.messages == ("username_prefix: must be a string",)
