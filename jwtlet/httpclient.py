@@ -1,6 +1,7 @@
 """
 Outbound HTTP clients: one persistent connection pool per peer, with TLS that
-trusts the system store plus an optional extra CA file.
+trusts the system store plus an optional extra CA file; a request carrying a
+credential never follows a redirect.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from typing import Any, Optional
 
 from treq.client import HTTPClient
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IPolicyForHTTPS
 
 from jwtlet.interfaces import DependencyUnavailable
+from jwtlet.k8s_identity import strict_json
 
 
 def tls_policy(ca_file: Optional[str]) -> IPolicyForHTTPS:
@@ -43,36 +46,71 @@ def _pem_blocks(pem: bytes) -> list[bytes]:
     ]
 
 
+#: Headers that carry a credential: a request with one never follows a redirect.
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-vault-token"})
+
+
+def carries_credential(headers: Any) -> bool:
+    """Whether ``headers`` (as treq takes them: a mapping or ``Headers``) name a credential."""
+    if headers is None:
+        return False
+    names = (name for name, _ in headers.getAllRawHeaders()) if isinstance(headers, Headers) else iter(headers)
+    return any(
+        (name.encode("latin-1") if isinstance(name, str) else bytes(name)).lower() in CREDENTIAL_HEADERS
+        for name in names
+    )
+
+
+class OutboundHTTPClient(HTTPClient):
+    """
+    The treq client every outbound call goes through.  treq follows GET
+    redirects by default, and a redirect's target is chosen by whoever
+    answers: a request carrying a credential never follows one, so a token
+    cannot be walked to another origin (or to plain http).  The 3xx reaches
+    the caller, which treats it like any other unexpected status.
+    """
+
+    def __init__(self, agent: IAgent, pool: HTTPConnectionPool):
+        super().__init__(agent)
+        self.pool = pool
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]:
+        if kwargs.get("auth") or carries_credential(kwargs.get("headers")):
+            kwargs["allow_redirects"] = False
+        # treq points its warnings at the caller: one frame more, this one.
+        kwargs["_stacklevel"] = kwargs.get("_stacklevel", 2) + 1
+        return super().request(method, url, **kwargs)
+
+
 def build_http_client(
     reactor: Any,
     ca_file: Optional[str] = None,
     max_per_host: int = 16,
     connect_timeout: float = 5.0,
-) -> HTTPClient:
-    """
-    A treq client with its own persistent pool.  Close it with
-    ``client._agent._pool.closeCachedConnections()`` via :func:`close_http_client`.
-    """
+) -> OutboundHTTPClient:
+    """A treq client with its own persistent pool; close it with :func:`close_http_client`."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
-    pool.retryAutomatically = False
+    # A pooled connection the server closed (HTTP/1.0, ``Connection: close``
+    # not announced, an idle timeout) fails the next request before any
+    # response; Twisted then retries once on a fresh connection, and only
+    # idempotent requests without a body (GET of a JWKS, a key read).
+    pool.retryAutomatically = True
     agent = Agent(
         reactor,
         contextFactory=tls_policy(ca_file),
         connectTimeout=connect_timeout,
         pool=pool,
     )
-    client = HTTPClient(agent)
-    client._jwtlet_pool = pool  # type: ignore[attr-defined]
-    return client
+    return OutboundHTTPClient(agent, pool)
 
 
-def close_http_client(client: HTTPClient) -> Any:
+def close_http_client(client: HTTPClient) -> Deferred[None]:
     """Close the pooled connections of a client made by :func:`build_http_client`."""
-    pool: Optional[HTTPConnectionPool] = getattr(client, "_jwtlet_pool", None)
-    if pool is None:
-        return None
-    return pool.closeCachedConnections()
+    if isinstance(client, OutboundHTTPClient):
+        closing: Deferred[None] = client.pool.closeCachedConnections()
+        return closing
+    return succeed(None)
 
 
 async def post_json(
@@ -99,6 +137,8 @@ async def post_json(
     except Exception as error:
         raise DependencyUnavailable(f"{peer}: {type(error).__name__}") from None
     try:
-        return response.code, json.loads(content)
+        # A hostile or broken peer (deeply nested JSON, huge numbers) must not
+        # raise anything but "not JSON" here.
+        return response.code, strict_json(content)
     except ValueError:
         return response.code, None

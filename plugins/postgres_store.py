@@ -13,7 +13,9 @@ replicas starting together apply them once; every write sends
 ``NOTIFY jwtlet_changes`` in its transaction, and a listener connection per
 replica drops the resolve cache when any replica changes something.  While
 the listener is disconnected the cache is bypassed, so a mapping deleted
-elsewhere is never served from it.
+elsewhere is never served from it; and a resolve that read before a change
+and finishes after its notification does not fill the cache (a generation
+counter, bumped by every invalidation, says so).
 """
 
 from __future__ import annotations
@@ -155,6 +157,11 @@ class Listener:
     A connection of its own that LISTENs for changes and calls back on the
     reactor: after each notification, and after every (re)connect, since
     notifications may have been missed while disconnected.
+
+    ``connected`` (whether the cache may be trusted) changes only on the
+    reactor thread, in the order the listener thread saw things happen, and a
+    reconnect invalidates before it says so: no resolve can slip in between
+    and serve an entry a missed notification should have dropped.
     """
 
     def __init__(self, conninfo: str, reactor: Any, changed: Callable[[], None]):
@@ -171,23 +178,32 @@ class Listener:
     def stop(self) -> None:
         self._stop.set()
 
+    def _up(self) -> None:
+        self.changed()
+        self.connected = True
+
+    def _down(self) -> None:
+        self.connected = False
+
     def _loop(self) -> None:
         delay = 0.1
         while not self._stop.is_set():
+            listening = False
             try:
                 with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5) as connection:
                     connection.execute(f"LISTEN {CHANNEL}")
-                    self.connected = True
+                    listening = True
                     delay = 0.1
-                    self.reactor.callFromThread(self.changed)
+                    self.reactor.callFromThread(self._up)
                     while not self._stop.is_set():
                         for _ in connection.notifies(timeout=0.2):
                             self.reactor.callFromThread(self.changed)
             except psycopg.Error as error:
-                if self.connected:
+                if listening:
                     log.warn("change listener lost its connection: {error}", error=type(error).__name__)
             finally:
-                self.connected = False
+                if listening:
+                    self.reactor.callFromThread(self._down)
             self._stop.wait(delay)
             delay = min(delay * 2, 5.0)
 
@@ -218,6 +234,8 @@ class PostgresStore(Service):
         self._migrated = not run_migrations
         self._listeners: list[Callable[[], None]] = []
         self._cache: OrderedDict[tuple[str, str, tuple[str, ...]], Resolution] = OrderedDict()
+        #: bumped by every invalidation: a resolve that read under an older one must not fill the cache
+        self._generation = 0
         self._listener = Listener(conninfo, reactor, self._changed)
         self._started = False
 
@@ -283,6 +301,7 @@ class PostgresStore(Service):
         return result
 
     def _changed(self) -> None:
+        self._generation += 1
         self._cache.clear()
         for listener in list(self._listeners):
             listener()
@@ -401,6 +420,7 @@ class PostgresStore(Service):
             done: Deferred[Resolution] = Deferred()
             done.callback(cached)
             return done
+        generation = self._generation
 
         def resolve(connection: psycopg.Connection[Any]) -> Resolution:
             # One round trip: the mapping row with its scope rows joined in.
@@ -417,7 +437,7 @@ class PostgresStore(Service):
             return Resolution(mapping=_mapping(rows[0]), scopes=found)
 
         def remember(resolution: Resolution) -> Resolution:
-            if self._listener.connected:
+            if self._listener.connected and generation == self._generation:
                 self._cache[key] = resolution
                 while len(self._cache) > RESOLVE_CACHE_ENTRIES:
                     self._cache.popitem(last=False)

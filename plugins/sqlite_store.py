@@ -4,7 +4,9 @@ in a transaction, all database work on one dedicated thread so the reactor
 never waits on the disk.
 
 Resolves are answered from memory once read: this process is the file's only
-writer, so every change passes through it and empties that cache.
+writer, so every change passes through it and empties that cache; a resolve
+that read before a change and finishes after it does not fill the cache (a
+generation counter, bumped by every change, says so).
 
 Durability: ``synchronous=FULL`` makes each commit reach the disk before it is
 acknowledged, so neither a killed process nor a crashed machine loses a write
@@ -15,6 +17,7 @@ but may lose the last commits on power loss.)
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections import OrderedDict
 from pathlib import Path
@@ -107,6 +110,33 @@ def migrate(connection: sqlite3.Connection) -> int:
     return len(MIGRATIONS)
 
 
+PRIVATE = 0o600
+SIDECARS = ("-wal", "-shm")
+
+
+def create_private(path: Path) -> None:
+    """
+    Create the database file mode 0600 before SQLite opens it (SQLite would
+    create it with 0644 minus the umask); an existing file is left as it is.
+    """
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(descriptor, PRIVATE)  # whatever the umask made of it
+    finally:
+        os.close(descriptor)
+
+
+def make_sidecars_private(path: Path) -> None:
+    """SQLite's WAL and shared-memory files hold the same rows: 0600 too."""
+    for suffix in SIDECARS:
+        sidecar = path.with_name(path.name + suffix)
+        if sidecar.exists():
+            os.chmod(sidecar, PRIVATE)
+
+
 def _mapping(row: sqlite3.Row) -> ResourceMapping:
     return ResourceMapping(
         client_identifier=row["client_identifier"],
@@ -146,6 +176,8 @@ class SQLiteStore(Service):
         self._listeners: list[Callable[[], None]] = []
         self._stopping: Optional[Any] = None
         self._resolved: OrderedDict[tuple[str, str, tuple[str, ...]], Resolution] = OrderedDict()
+        #: bumped by every change: a resolve that read under an older one must not fill the cache
+        self._generation = 0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -176,6 +208,7 @@ class SQLiteStore(Service):
     def _open(self) -> sqlite3.Connection:
         if self._connection is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(self.path)
             connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA journal_mode=WAL")
@@ -183,6 +216,7 @@ class SQLiteStore(Service):
             connection.execute("PRAGMA foreign_keys=ON")
             if self.run_migrations:
                 migrate(connection)
+            make_sidecars_private(self.path)
             self._connection = connection
         return self._connection
 
@@ -204,6 +238,10 @@ class SQLiteStore(Service):
             # read-only file, disk full, locked past the timeout, cannot open
             self._close()
             raise DependencyUnavailable(f"sqlite: {error}") from None
+        except OSError as error:
+            # the directory or the file could not be created
+            self._close()
+            raise DependencyUnavailable(f"sqlite: {error.strerror}") from None
 
     def _read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         return self._open().execute(sql, parameters).fetchall()
@@ -221,6 +259,7 @@ class SQLiteStore(Service):
         return counts
 
     def _changed(self, result: T) -> T:
+        self._generation += 1
         self._resolved.clear()
         for listener in list(self._listeners):
             listener()
@@ -332,6 +371,7 @@ class SQLiteStore(Service):
         if cached is not None:
             self._resolved.move_to_end(key)
             return succeed(cached)
+        generation = self._generation
 
         def resolve() -> Resolution:
             rows = self._read(
@@ -348,9 +388,10 @@ class SQLiteStore(Service):
             return Resolution(mapping=_mapping(rows[0]), scopes=found)
 
         def remember(resolution: Resolution) -> Resolution:
-            self._resolved[key] = resolution
-            while len(self._resolved) > RESOLVE_CACHE_ENTRIES:
-                self._resolved.popitem(last=False)
+            if generation == self._generation:
+                self._resolved[key] = resolution
+                while len(self._resolved) > RESOLVE_CACHE_ENTRIES:
+                    self._resolved.popitem(last=False)
             return resolution
 
         return self._run(resolve).addCallback(remember)

@@ -7,18 +7,22 @@ with ``key_version`` always sent, and the ``vault:vN:`` prefix of the answer
 checked), so a rotation between reading the key and signing cannot produce a
 token whose ``kid`` lies.  Key metadata is re-read every ``key_refresh_secs``:
 a new version is published in the JWKS at once and signs only
-``publish_before_use_secs`` later; a version that stopped signing stays
-published until the tokens it signed have expired.
+``publish_before_use_secs`` after its ``creation_time`` in Vault, so every
+replica (and every relying party's JWKS cache) has it before the first token
+does, and a restart does not sign with a version created seconds ago.  A
+version that stopped signing stays published until the tokens it signed have
+expired.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Mapping, Optional
+from datetime import datetime
+from typing import Any, Iterable, Mapping, Optional
 
 import attrs
-from jwcrypto.common import base64url_encode, json_encode
+from jwcrypto.common import JWException, base64url_encode, json_encode
 from jwcrypto.jwk import JWK
 from twisted.application.service import IService, Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -27,6 +31,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from jwtlet.config import https_url
 from jwtlet.httpclient import build_http_client, close_http_client
 from jwtlet.interfaces import (
     DependencyUnavailable,
@@ -91,17 +96,61 @@ class VaultOptions:
     key_type: str = "ed25519"
     rsa_algorithm: str = "RS256"
     key_refresh_secs: float = 60.0
-    publish_before_use_secs: float = 0.0
+    publish_before_use_secs: float = 120.0
     timeout_secs: float = 5.0
     ca_file: Optional[str] = None
 
 
-@attrs.define
+@attrs.frozen
 class KeyVersion:
     version: int
     jwk: JWK
-    seen_at: float
-    retired_at: Optional[float] = None
+    #: Vault's ``creation_time`` (seconds since the epoch); when Vault gives
+    #: none, the moment this process first saw the version.
+    created_at: float
+
+
+def parse_creation_time(value: Any) -> Optional[float]:
+    """Vault's RFC 3339 ``creation_time`` (nanoseconds, Go style) in seconds; ``None`` when absent or unusable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    # Without an offset the instant is unknown (it is not RFC 3339).
+    return moment.timestamp() if moment.tzinfo is not None else None
+
+
+def signing_version(versions: Iterable[KeyVersion], min_encryption_version: int, publish_before_use: float,
+                    now: float) -> Optional[KeyVersion]:
+    """
+    The version that signs at ``now``: the newest one Vault lets sign that was
+    created at least ``publish_before_use`` seconds ago.  While none is that
+    old (a key just created, or created and rotated at once) the oldest one
+    signs: it has been published longest, and a key with one version signs
+    with it.
+    """
+    signable = sorted((v for v in versions if v.version >= min_encryption_version), key=lambda v: v.version)
+    ready = [v for v in signable if v.created_at + publish_before_use <= now]
+    if ready:
+        return ready[-1]
+    return signable[0] if signable else None
+
+
+def published_versions(versions: Iterable[KeyVersion], signing: Optional[KeyVersion], publish_before_use: float,
+                       token_ttl: float, now: float) -> list[KeyVersion]:
+    """
+    The versions in the JWKS, newest first: all of them, except those older
+    than the signing version once every token they could have signed has
+    expired (the signing version took over ``publish_before_use`` after its
+    creation, on every replica alike).
+    """
+    newest_first = sorted(versions, key=lambda v: -v.version)
+    if signing is None:
+        return newest_first
+    took_over = signing.created_at + publish_before_use
+    return [v for v in newest_first if v.version >= signing.version or now <= took_over + token_ttl]
 
 
 class VaultAuth:
@@ -196,11 +245,11 @@ class VaultTransitSigner(Service):
         self.client = build_http_client(reactor, ca_file=options.ca_file)
         self.auth = VaultAuth(options, self, sa_token_file)
         self.versions: dict[int, KeyVersion] = {}
+        self.min_encryption_version = 0
         self.key_type = options.key_type
         self._refreshing = LoopingCall(lambda: ensureDeferred(self._refresh_quietly()))
         self._refreshing.clock = clock
         self._last_misconfiguration_log = -1e18
-        self._refreshed_once = False
         if options.token is not None:
             log.warn("vault.token is a literal token in the config: use token_file or kubernetes_auth in production")
 
@@ -274,30 +323,29 @@ class VaultTransitSigner(Service):
         data = body.get("data") or {}
         self.key_type = str(data.get("type", self.options.key_type))
         self.algorithm = algorithm_for(self.key_type, self.options.rsa_algorithm)
-        self.observe({int(v): entry["public_key"] for v, entry in (data.get("keys") or {}).items()})
+        try:
+            self.min_encryption_version = int(data.get("min_encryption_version") or 0)
+            self.observe({int(v): entry for v, entry in (data.get("keys") or {}).items()})
+        except (AttributeError, KeyError, TypeError, ValueError, JWException):
+            self.misconfigured(f"transit key {self.options.key_name}: Vault's key metadata is unreadable")
 
-    def observe(self, published: Mapping[int, str]) -> None:
-        """Merge what Vault publishes now into the versions we know."""
+    def observe(self, published: Mapping[int, Mapping[str, Any]]) -> None:
+        """Replace the versions we know with what Vault publishes now (``keys`` of a key read)."""
         now = self.clock.seconds()
-        first = not self._refreshed_once
-        for version, public_key in published.items():
-            if version not in self.versions:
-                jwk = public_jwk(self.key_type, public_key)
-                # Versions present at start-up are already in use elsewhere; newer ones wait.
-                seen = now - self.options.publish_before_use_secs if first else now
-                self.versions[version] = KeyVersion(version, jwk, seen)
-        for version in list(self.versions):
-            if version not in published:
-                del self.versions[version]  # trimmed or below min_decryption_version in Vault
-        self._refreshed_once = True
-        signing = self.signing_version(now)
-        for entry in self.versions.values():
-            if signing is not None and entry.version < signing.version and entry.retired_at is None:
-                entry.retired_at = now
+        versions = {}
+        for version, entry in published.items():
+            known = self.versions.get(version)
+            if known is None:
+                created = parse_creation_time(entry.get("creation_time"))
+                known = KeyVersion(version, public_jwk(self.key_type, entry["public_key"]),
+                                   now if created is None else created)
+            versions[version] = known
+        # Versions Vault no longer lists were trimmed or fell below min_decryption_version.
+        self.versions = versions
 
     def signing_version(self, now: float) -> Optional[KeyVersion]:
-        usable = [v for v in self.versions.values() if v.seen_at + self.options.publish_before_use_secs <= now]
-        return max(usable, key=lambda v: v.version) if usable else None
+        return signing_version(self.versions.values(), self.min_encryption_version,
+                               self.options.publish_before_use_secs, now)
 
     async def _refresh_quietly(self) -> None:
         try:
@@ -343,9 +391,9 @@ class VaultTransitSigner(Service):
             await self.refresh()
         now = self.clock.seconds()
         keys = []
-        for entry in sorted(self.versions.values(), key=lambda v: -v.version):
-            if entry.retired_at is not None and now > entry.retired_at + self.token_ttl:
-                continue  # every token it signed has expired
+        published = published_versions(self.versions.values(), self.signing_version(now),
+                                       self.options.publish_before_use_secs, self.token_ttl, now)
+        for entry in published:
             public = json.loads(entry.jwk.export_public())
             public.update(kid=self.kid(entry.version), alg=self.algorithm, use="sig")
             keys.append(public)
@@ -362,11 +410,39 @@ _OPTIONS = frozenset({"url", "token_file", "token", "kubernetes_auth", "mount", 
                       "type"})
 
 
-def parse_options(raw: Mapping[str, Any]) -> VaultOptions:
+def url_problem(url: Any, dev: bool) -> Optional[str]:
+    """
+    What is wrong with ``vault.url``: the Vault token travels with every
+    request, so the outbound URL rule holds (https; http only to a loopback
+    host or in ``--dev``).
+    """
+    if not isinstance(url, str) or not url:
+        return "url: required for vault-transit (an https URL)"
+    try:
+        message = https_url(dev)(url)
+    except ValueError:  # an unbalanced IPv6 bracket
+        message = "must be an absolute https URL"
+    return f"url: {message}" if message else None
+
+
+def _number(raw: Mapping[str, Any], key: str, default: float, minimum: float, problems: list[str]) -> float:
+    """A number option of at least ``minimum``; absent or null: ``default``."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        problems.append(f"{key}: must be a number of at least {minimum:g}")
+        return default
+    return float(value)
+
+
+def parse_options(raw: Mapping[str, Any], dev: bool) -> VaultOptions:
+    """The ``vault`` table checked; ``dev``: running with ``--dev``."""
     problems = [f"{key}: unknown key" for key in raw if key not in _OPTIONS]
     url = raw.get("url")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        problems.append("url: required for vault-transit (an http(s) URL)")
+    problem = url_problem(url, dev)
+    if problem is not None:
+        problems.append(problem)
     sources = [key for key in ("token", "token_file", "kubernetes_auth") if raw.get(key) is not None]
     if len(sources) != 1:
         problems.append("token, token_file, kubernetes_auth: give exactly one")
@@ -385,14 +461,11 @@ def parse_options(raw: Mapping[str, Any]) -> VaultOptions:
     rsa_algorithm = raw.get("rsa_algorithm", "RS256")
     if rsa_algorithm not in ("RS256", "PS256"):
         problems.append("rsa_algorithm: must be RS256 or PS256")
-    numbers: dict[str, float] = {}
-    for key, default, minimum in (("key_refresh_secs", 60, 1), ("publish_before_use_secs", 0, 0),
-                                  ("timeout_secs", 5, 0.1)):
-        value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            problems.append(f"{key}: must be a number of at least {minimum:g}")
-        else:
-            numbers[key] = float(value)
+    refresh = _number(raw, "key_refresh_secs", 60.0, 1, problems)
+    # Every replica re-reads the key every key_refresh_secs: after twice that,
+    # each has had the new version in its JWKS for a full interval.
+    publish_before_use = _number(raw, "publish_before_use_secs", 2 * refresh, 0, problems)
+    timeout = _number(raw, "timeout_secs", 5.0, 0.1, problems)
     create_key = raw.get("create_key", True)
     if not isinstance(create_key, bool):
         problems.append("create_key: must be true or false")
@@ -405,7 +478,8 @@ def parse_options(raw: Mapping[str, Any]) -> VaultOptions:
         url=str(url).rstrip("/"), key_name=raw.get("key_name", "signing-jwtlet_pc"), mount=raw.get("mount", "transit"),
         token=raw.get("token"), token_file=raw.get("token_file"), kubernetes_role=role, kubernetes_mount=mount,
         kubernetes_jwt_file=jwt_file, create_key=create_key, key_type=key_type, rsa_algorithm=rsa_algorithm,
-        ca_file=raw.get("ca_file"), **numbers,
+        ca_file=raw.get("ca_file"), key_refresh_secs=refresh, publish_before_use_secs=publish_before_use,
+        timeout_secs=timeout,
     )
 
 
@@ -416,8 +490,8 @@ class VaultTransitSignerFactory:
     description: str = "signs with HashiCorp Vault's transit engine (keys never leave Vault)"
 
     def build(self, options: Mapping[str, Any], context: PluginContext) -> VaultTransitSigner:
-        parsed = parse_options(options)
         config = context.config
+        parsed = parse_options(options, dev=config.dev)
         return VaultTransitSigner(
             parsed, context.reactor, context.clock, float(config.token.token_ttl_secs), config.k8s.token_file)
 

@@ -1,18 +1,22 @@
 """
-A throwaway PostgreSQL server for the whole test session, and a fresh
-database per test.  Where the server binaries are missing the tests skip with
-the reason, except in CI (``CI`` set), where they fail.
+A throwaway PostgreSQL server for the whole test session, a fresh database
+per test, and started stores on it.  Where the server binaries are missing the
+tests skip with the reason, except in CI (``CI`` set), where they fail.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from typing import Iterator
+import types
+from typing import Any, Iterator
 
 import psycopg
 import pytest
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
+from jwtlet.plugins.postgres_store import PostgresStore, postgres
 from jwtlet.testing.postgres import PostgresServer, available
 
 _names = itertools.count()
@@ -37,3 +41,21 @@ def postgres_url(postgres_server: PostgresServer) -> str:
     with psycopg.connect(postgres_server.url(), autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     return postgres_server.url(name)
+
+
+def start_store(url: str, **options: Any) -> PostgresStore:
+    """A started ``postgres`` store on ``url`` (stop it with ``stopService``)."""
+    context = types.SimpleNamespace(reactor=reactor, clock=reactor, data_dir=".")
+    store = postgres.build(dict({"url": url, "pool": {"max_connections": 4, "acquire_timeout": "3s"}}, **options),
+                           context)
+    store.startService()
+    return store
+
+
+async def eventually(check: Any, attempts: int = 100, interval: float = 0.05) -> None:
+    """Poll ``check`` (an async callable returning bool), bounded, without sleeping the reactor."""
+    for _ in range(attempts):
+        if await check():
+            return
+        await deferLater(reactor, interval, lambda: None)
+    raise AssertionError("condition not reached in time")

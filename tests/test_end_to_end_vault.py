@@ -1,7 +1,8 @@
 """
 The daemon (``twistd -n jwtlet``) signing with the fake Vault over loopback:
 tokens verify from the JWKS, a sealed Vault is 503 and the daemon recovers by
-itself, rotation at Vault reaches the JWKS.
+itself, rotation at Vault reaches the JWKS and signs publish_before_use_secs
+later.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def write_config(tmp_path: Path, vault: RunningVault, key_type: str, rsa_algorit
         "validator": dev_defaults(tmp_path)["validator"],
         "token": {"client_audience": "jwtlet-dev", "audience": "svc", "token_ttl_secs": 300},
         "vault": {"url": vault.url, "token": ROOT, "key_name": "jwtlet", "key_type": key_type,
-                  "rsa_algorithm": rsa_algorithm, "key_refresh_secs": 1, "timeout_secs": 2},
+                  "rsa_algorithm": rsa_algorithm, "key_refresh_secs": 1, "publish_before_use_secs": 3,
+                  "timeout_secs": 2},
         "service_accounts": {"system:serviceaccount:ops:admin": ["management:write"]},
     }
     path = tmp_path / "jwtlet.yaml"
@@ -99,8 +101,10 @@ async def test_vault_signed_exchange_outage_and_rotation(
         assert code == 200, "recovered without a restart"
 
         vault.fake.keys["jwtlet"].rotate()
-        for _ in range(100):
-            await deferLater(reactor, 0.05, lambda: None)  # key_refresh_secs is 1
+        code, _, body = await exchange(daemon, tmp_path)
+        assert pyjwt.get_unverified_header(body["access_token"])["kid"] == "jwtlet-1", "published before use"
+        for _ in range(200):
+            await deferLater(reactor, 0.05, lambda: None)  # signs from 3 s after its creation
             code, _, body = await exchange(daemon, tmp_path)
             assert code == 200
             await verify(daemon, body["access_token"])  # every token verifies against the JWKS of that moment

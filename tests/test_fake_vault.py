@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any, AsyncIterator
 
 import hvac
 import hvac.exceptions
 import pytest_twisted
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from vault_fixtures import ROOT, RunningVault, running_vault
 
@@ -90,3 +92,24 @@ async def test_kubernetes_login_and_renewal_with_hvac(vault: RunningVault) -> No
     assert renewed["auth"]["client_token"] == login["auth"]["client_token"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_each_version_carries_its_creation_time_as_vault_writes_it(vault: RunningVault) -> None:
+    """Go's RFC3339Nano: UTC ``Z``, up to nine fraction digits, trailing zeros dropped."""
+    clock = Clock()
+    clock.advance(1714557600.5)
+    vault.fake.clock = clock
+    vault.fake.create_key("jwt")
+    clock.advance(0.25)
+    vault.fake.keys["jwt"].rotate()
+    clock.advance(59.25)
+    vault.fake.keys["jwt"].rotate()
+    vault.fake.clock = None  # wall-clock time from here on, with its nanoseconds
+    vault.fake.keys["jwt"].rotate()
+
+    def read() -> dict[str, Any]:
+        return dict(client(vault).secrets.transit.read_key("jwt")["data"]["keys"])
+
+    keys = await deferToThread(read)
+    created = [keys[str(version)]["creation_time"] for version in range(1, 5)]
+    assert created[:3] == ["2024-05-01T10:00:00.5Z", "2024-05-01T10:00:00.75Z", "2024-05-01T10:01:00Z"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{0,8}[1-9])?Z", created[3]), created[3]

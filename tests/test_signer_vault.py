@@ -12,12 +12,22 @@ from typing import Any, AsyncIterator
 import jwt as pyjwt
 import pytest
 import pytest_twisted
+from jwcrypto.jwk import JWK
 from twisted.internet.task import Clock
-from vault_fixtures import RunningVault, build_signer, running_vault
+from vault_fixtures import ROOT, RunningVault, build_signer, running_vault, signer_context
 
+from jwtlet.httpclient import close_http_client
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError
-from jwtlet.plugins.vault_transit import VaultMisconfigured, parse_options
+from jwtlet.plugins.vault_transit import (
+    KeyVersion,
+    VaultMisconfigured,
+    parse_creation_time,
+    parse_options,
+    signing_version,
+    vault_transit,
+)
 from jwtlet.testing.signer_conformance import assert_signer_conforms
+from jwtlet.testing.vault import TransitKey
 
 
 @pytest_twisted.async_yield_fixture
@@ -81,52 +91,127 @@ async def test_a_client_forgetting_salt_length_would_make_unverifiable_ps256(
         await stopped(signer)
 
 
+async def issue(signer: Any) -> str:
+    """Sign a token, check it against the JWKS of that moment, and return its kid."""
+    token = await signer.sign({"typ": "JWT"}, {"sub": "x"})
+    published = {k["kid"]: k for k in (await signer.public_jwks())["keys"]}
+    kid = pyjwt.get_unverified_header(token)["kid"]
+    pyjwt.decode(token, pyjwt.PyJWK.from_dict(published[kid]), algorithms=[signer.algorithm])
+    return str(kid)
+
+
+async def published_kids(signer: Any) -> list[str]:
+    return [k["kid"] for k in (await signer.public_jwks())["keys"]]
+
+
 @pytest_twisted.ensureDeferred
-async def test_rotation_publishes_first_signs_later_and_keeps_old_versions(
+async def test_rotation_publishes_at_once_signs_after_publish_before_use_and_keeps_old_versions(
     tmp_path: Path, vault: RunningVault, clock: Clock
 ) -> None:
+    vault.fake.clock = clock
+    vault.fake.create_key("jwt")
     signer = build_signer(tmp_path, vault, clock, token_ttl=600, publish_before_use_secs=30, key_refresh_secs=10)
-    signer.startService()
     try:
-        await signer.refresh()
-
-        async def issue_and_verify() -> str:
-            token = await signer.sign({"typ": "JWT"}, {"sub": "x"})
-            published = {k["kid"]: k for k in (await signer.public_jwks())["keys"]}
-            kid = pyjwt.get_unverified_header(token)["kid"]
-            pyjwt.decode(token, pyjwt.PyJWK.from_dict(published[kid]), algorithms=["EdDSA"])
-            return str(kid)
-
-        assert await issue_and_verify() == "jwt-1"
+        assert await issue(signer) == "jwt-1", "a key with one version signs with it, however new"
+        clock.advance(100)
         vault.fake.keys["jwt"].rotate()
         await signer.refresh()
-        kids = [k["kid"] for k in (await signer.public_jwks())["keys"]]
-        assert kids == ["jwt-2", "jwt-1"], "the new version is published at once"
-        assert await issue_and_verify() == "jwt-1", "but signs only after publish_before_use_secs"
-        clock.advance(31)
-        assert await issue_and_verify() == "jwt-2"
-        clock.advance(600)
-        assert [k["kid"] for k in (await signer.public_jwks())["keys"]] == ["jwt-2", "jwt-1"]
-        clock.advance(31)
-        assert [k["kid"] for k in (await signer.public_jwks())["keys"]] == ["jwt-2"], \
-            "dropped once every token it signed has expired"
+        assert await published_kids(signer) == ["jwt-2", "jwt-1"], "the new version is published at once"
+        clock.advance(29)
+        assert await issue(signer) == "jwt-1", "the previous version signs until publish_before_use_secs passed"
+        clock.advance(1.5)
+        assert await issue(signer) == "jwt-2"
+        clock.advance(599)
+        assert await published_kids(signer) == ["jwt-2", "jwt-1"], "kept while a token it signed may be valid"
+        clock.advance(1)
+        assert await published_kids(signer) == ["jwt-2"], "dropped once every token it signed has expired"
     finally:
         await stopped(signer)
 
 
 @pytest_twisted.ensureDeferred
-async def test_rotation_under_traffic_never_yields_an_unverifiable_token(tmp_path: Path, vault: RunningVault) -> None:
-    signer = build_signer(tmp_path, vault, key_type="ecdsa-p256")
+async def test_a_signer_started_seconds_after_a_rotation_still_signs_with_the_previous_version(
+    tmp_path: Path, vault: RunningVault, clock: Clock
+) -> None:
+    """A restart must not sign with a version other replicas may not publish yet: Vault's creation_time decides."""
+    vault.fake.clock = clock
+    vault.fake.create_key("jwt")
+    clock.advance(3600)
+    vault.fake.keys["jwt"].rotate()
+    clock.advance(5)
+    signer = build_signer(tmp_path, vault, clock, key_refresh_secs=10)
     try:
-        for round_ in range(4):
-            for _ in range(5):
-                token = await signer.sign({"typ": "JWT"}, {"round": round_})
-                published = {k["kid"]: k for k in (await signer.public_jwks())["keys"]}
-                kid = pyjwt.get_unverified_header(token)["kid"]
-                pyjwt.decode(token, pyjwt.PyJWK.from_dict(published[kid]), algorithms=["ES256"])
+        assert signer.options.publish_before_use_secs == 20, "default: twice key_refresh_secs"
+        assert await issue(signer) == "jwt-1"
+        assert await published_kids(signer) == ["jwt-2", "jwt-1"]
+        clock.advance(14)
+        assert await issue(signer) == "jwt-1"
+        clock.advance(1.5)
+        assert await issue(signer) == "jwt-2"
+    finally:
+        await stopped(signer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_without_creation_time_waits_from_when_this_process_first_saw_it(
+    tmp_path: Path, vault: RunningVault, clock: Clock
+) -> None:
+    vault.fake.clock = clock
+    key = vault.fake.create_key("jwt")
+    clock.advance(3600)
+    key.rotate()
+    clock.advance(3600)
+    listed = key.read()["keys"]
+    del listed["2"]["creation_time"]
+    signer = build_signer(tmp_path, vault, clock, publish_before_use_secs=30)
+    try:
+        signer.observe({int(version): entry for version, entry in listed.items()})
+        assert signer.signing_version(clock.seconds()).version == 1
+        clock.advance(31)
+        assert signer.signing_version(clock.seconds()).version == 2
+    finally:
+        await stopped(signer)
+
+
+def test_the_signing_version_respects_min_encryption_version_and_prefers_the_longest_published() -> None:
+    versions = [KeyVersion(n, JWK.generate(kty="OKP", crv="Ed25519"), created) for n, created in
+                ((1, 0.0), (2, 1000.0), (3, 1010.0))]
+    assert signing_version(versions, 0, 30, 1020).version == 1, "2 and 3 are too new"
+    assert signing_version(versions, 0, 30, 1035).version == 2
+    assert signing_version(versions, 0, 30, 1040).version == 3
+    assert signing_version(versions, 2, 30, 1020).version == 2, "Vault refuses to sign with 1: the oldest allowed"
+    assert signing_version([], 0, 30, 1020) is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2024-05-01T10:00:00.123456789Z", 1714557600.123456),
+    ("2024-05-01T10:00:00Z", 1714557600.0),
+    ("2024-05-01T12:00:00.5+02:00", 1714557600.5),
+    ("2024-05-01T10:00:00", None),
+    ("yesterday", None),
+    (1714557600, None),
+    (None, None),
+])
+def test_creation_time_is_read_as_vault_writes_it(text: Any, expected: Any) -> None:
+    assert parse_creation_time(text) == expected
+
+
+def test_publish_before_use_defaults_to_twice_the_refresh_interval() -> None:
+    base = {"url": "https://vault:8200", "token": "t"}
+    assert parse_options(base, dev=False).publish_before_use_secs == 120
+    assert parse_options(dict(base, key_refresh_secs=15), dev=False).publish_before_use_secs == 30
+    assert parse_options(dict(base, publish_before_use_secs=None), dev=False).publish_before_use_secs == 120
+    assert parse_options(dict(base, publish_before_use_secs=0), dev=False).publish_before_use_secs == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotation_under_traffic_never_yields_an_unverifiable_token(tmp_path: Path, vault: RunningVault) -> None:
+    signer = build_signer(tmp_path, vault, key_type="ecdsa-p256", publish_before_use_secs=0)
+    try:
+        for version in range(1, 5):
+            assert [await issue(signer) for _ in range(5)] == [f"jwt-{version}"] * 5
             vault.fake.keys["jwt"].rotate()
             await signer.refresh()
-        assert kid == "jwt-4"
     finally:
         await stopped(signer)
 
@@ -199,7 +284,7 @@ async def test_sealed_vault_is_503_then_recovers_without_restart(tmp_path: Path,
             await signer.check_ready()
             await signer.sign({"typ": "JWT"}, {"sub": "x"})
         await vault.server.stop()
-        await signer.client._jwtlet_pool.closeCachedConnections()
+        await close_http_client(signer.client)
         with pytest.raises(DependencyUnavailable):
             await signer.sign({"typ": "JWT"}, {"sub": "x"})
     finally:
@@ -220,14 +305,15 @@ async def test_a_missing_key_without_create_key_is_a_misconfiguration(tmp_path: 
 def test_option_problems() -> None:
     with pytest.raises(PluginConfigError) as raised:
         parse_options({"token": "t", "token_file": "/f", "key_type": "aes", "rsa_algorithm": "HS256",
-                       "timeout_secs": 0, "colour": 1})
+                       "timeout_secs": 0, "publish_before_use_secs": -1, "colour": 1}, dev=False)
     assert sorted(raised.value.messages) == sorted([
         "colour: unknown key",
-        "url: required for vault-transit (an http(s) URL)",
+        "url: required for vault-transit (an https URL)",
         "token, token_file, kubernetes_auth: give exactly one",
         "key_type: must be one of ed25519, ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096",
         "rsa_algorithm: must be RS256 or PS256",
         "timeout_secs: must be a number of at least 0.1",
+        "publish_before_use_secs: must be a number of at least 0",
     ])
 
 
@@ -244,5 +330,43 @@ async def test_a_vault_slower_than_the_timeout_is_503_not_a_hang(tmp_path: Path,
             await signer.sign({"typ": "JWT"}, {"sub": "x"})
         vault.fake.latency = 0.0
         await signer.sign({"typ": "JWT"}, {"sub": "x"})
+    finally:
+        await stopped(signer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_building_for_check_config_asks_vault_nothing(tmp_path: Path, vault: RunningVault) -> None:
+    """``jwtlet check-config`` builds the signer only to check its options."""
+    context = signer_context(tmp_path)
+    context.check_only = True
+    signer = vault_transit.build({"url": vault.url, "token": ROOT, "key_name": "jwt"}, context)
+    assert not signer._refreshing.running
+    await close_http_client(signer.client)
+    assert sum(vault.fake.requests.values()) == 0 and vault.fake.keys == {}
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: data["keys"]["1"].pop("public_key"),
+    lambda data: data["keys"]["1"].update(public_key="not base64!"),
+    lambda data: data["keys"].update({"one": {}}),
+    lambda data: data.update(min_encryption_version="soon"),
+], ids=["no-public-key", "bad-public-key", "bad-version-number", "bad-min-encryption-version"])
+@pytest_twisted.ensureDeferred
+async def test_unreadable_key_metadata_is_a_misconfiguration_not_a_crash(
+    tmp_path: Path, vault: RunningVault, damage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = TransitKey.read
+
+    def damaged(key: TransitKey) -> dict[str, Any]:
+        data = original(key)
+        damage(data)
+        return data
+
+    monkeypatch.setattr(TransitKey, "read", damaged)
+    vault.fake.create_key("jwt")
+    signer = build_signer(tmp_path, vault)
+    try:
+        with pytest.raises(VaultMisconfigured):
+            await signer.sign({"typ": "JWT"}, {"sub": "x"})
     finally:
         await stopped(signer)

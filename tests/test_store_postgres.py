@@ -11,14 +11,13 @@ from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
-from postgres_fixtures import postgres_server, postgres_url  # noqa: F401 - fixtures
+from postgres_fixtures import eventually, postgres_server, postgres_url, start_store  # noqa: F401 - fixtures
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
-from twisted.internet.task import deferLater
 
 from jwtlet.interfaces import Conflict, DependencyUnavailable, NotFound, PluginConfigError
 from jwtlet.model import ResourceMapping, ScopeMapping
-from jwtlet.plugins.postgres_store import PostgresStore, parse_duration, postgres
+from jwtlet.plugins.postgres_store import parse_duration, postgres
 from jwtlet.testing.postgres import PostgresServer
 from jwtlet.testing.store_conformance import StoreConformance
 
@@ -29,13 +28,6 @@ def context() -> types.SimpleNamespace:
     return types.SimpleNamespace(reactor=reactor, clock=reactor, data_dir=".")
 
 
-def make_store(url: str, **options: Any) -> PostgresStore:
-    store = postgres.build(dict({"url": url, "pool": {"max_connections": 4, "acquire_timeout": "3s"}}, **options),
-                           context())
-    store.startService()
-    return store
-
-
 @pytest.fixture
 def clock() -> Any:
     return reactor
@@ -44,23 +36,14 @@ def clock() -> Any:
 class TestPostgresStore(StoreConformance):
     @pytest.fixture
     def store(self, postgres_url: str) -> Iterator[Any]:  # noqa: F811
-        store = make_store(postgres_url)
+        store = start_store(postgres_url)
         yield store
         pytest_twisted.blockon(store.stopService())
 
 
-async def eventually(check: Any, attempts: int = 100, interval: float = 0.05) -> None:
-    """Poll ``check`` (an async callable returning bool), bounded, without sleeping the reactor."""
-    for _ in range(attempts):
-        if await check():
-            return
-        await deferLater(reactor, interval, lambda: None)
-    raise AssertionError("condition not reached in time")
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_change_through_one_replica_is_used_by_the_other_within_a_second(postgres_url: str) -> None:  # noqa: F811
-    one, two = make_store(postgres_url), make_store(postgres_url)
+    one, two = start_store(postgres_url), start_store(postgres_url)
     try:
         await one.add_mapping(ResourceMapping("client", "ctx", scopes=("read",)))
         await one.add_scope(ScopeMapping("read", {"v": 1}))
@@ -89,7 +72,7 @@ async def test_a_change_through_one_replica_is_used_by_the_other_within_a_second
 
 @pytest_twisted.ensureDeferred
 async def test_concurrent_writers_on_one_key_exactly_one_wins(postgres_url: str) -> None:  # noqa: F811
-    stores = [make_store(postgres_url) for _ in range(3)]
+    stores = [start_store(postgres_url) for _ in range(3)]
     try:
         await stores[0].list_mappings()  # migrated before the race
         attempts = [store.add_mapping(ResourceMapping("client", "same")) for store in stores for _ in range(4)]
@@ -103,7 +86,7 @@ async def test_concurrent_writers_on_one_key_exactly_one_wins(postgres_url: str)
 
 @pytest_twisted.ensureDeferred
 async def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:  # noqa: F811
-    stores = [make_store(postgres_url) for _ in range(4)]
+    stores = [start_store(postgres_url) for _ in range(4)]
     try:
         await gatherResults([store.list_scopes() for store in stores])
 
@@ -119,7 +102,7 @@ async def test_replicas_starting_together_migrate_once(postgres_url: str) -> Non
 async def test_a_restart_under_load_loses_nothing_and_recovers_by_itself(
     postgres_server: PostgresServer, postgres_url: str  # noqa: F811
 ) -> None:
-    store = make_store(postgres_url)
+    store = start_store(postgres_url)
     try:
         for index in range(20):
             await store.add_mapping(ResourceMapping("client", f"ctx-{index}"))
@@ -160,3 +143,10 @@ def test_option_problems_and_durations() -> None:
         'pool.acquire_timeout: must be a duration such as "30s"',
         "sslmode: must be one of disable, allow, prefer, require, verify-ca, verify-full",
     ])
+
+
+def test_building_for_check_config_connects_to_nothing() -> None:
+    """``jwtlet check-config`` builds the store only to check its options: no pool, no threads, no listener."""
+    checking = types.SimpleNamespace(reactor=reactor, clock=reactor, data_dir=".", check_only=True)
+    store = postgres.build({"url": "postgresql://jwtlet@127.0.0.1:1/jwtlet"}, checking)
+    assert store._pool.closed and not store._threads.started and not store._listener._thread.is_alive()

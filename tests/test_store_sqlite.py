@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -132,3 +133,41 @@ def _read_only(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
     connection.row_factory = sqlite3.Row
     return connection
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o277])
+@pytest_twisted.ensureDeferred
+async def test_the_database_and_its_sidecars_are_created_mode_0600_whatever_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    """Mappings and API key digests are nobody else's business, even with a permissive (or odd) umask."""
+    path = tmp_path / "data" / "jwtlet.sqlite3"
+    store = sqlite.build({"path": str(path)}, context(tmp_path))
+    previous = os.umask(umask)
+    try:
+        await store.add_mapping(ResourceMapping("client", "ctx"))
+        modes = {file.name: stat.S_IMODE(file.stat().st_mode) for file in path.parent.iterdir()}
+    finally:
+        os.umask(previous)
+        await store.stopService()
+    assert modes == {"jwtlet.sqlite3": 0o600, "jwtlet.sqlite3-wal": 0o600, "jwtlet.sqlite3-shm": 0o600}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_that_cannot_be_created_is_503(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    store = sqlite.build({"path": str(blocker / "jwtlet.sqlite3")}, context(tmp_path))
+    try:
+        with pytest.raises(DependencyUnavailable):
+            await store.check_ready()
+    finally:
+        await store.stopService()
+
+
+def test_building_for_check_config_creates_nothing(tmp_path: Path) -> None:
+    """``jwtlet check-config`` builds the store only to check its options."""
+    checking = types.SimpleNamespace(reactor=None, clock=None, data_dir=tmp_path / "data", check_only=True)
+    store = sqlite.build({}, checking)
+    assert store.path == tmp_path / "data" / "jwtlet.sqlite3"
+    assert list(tmp_path.iterdir()) == [] and not store._pool.started

@@ -40,7 +40,7 @@ def signer_context(tmp_path: Path, clock: Any = None, token_ttl: int = 600) -> t
     if not sa_token.exists():
         sa_token.write_text("kubernetes-sa-jwt")
     config = types.SimpleNamespace(token=types.SimpleNamespace(token_ttl_secs=token_ttl),
-                                   k8s=types.SimpleNamespace(token_file=str(sa_token)))
+                                   k8s=types.SimpleNamespace(token_file=str(sa_token)), dev=False)
     return types.SimpleNamespace(reactor=reactor, clock=clock or reactor, config=config,
                                  http_client=None, data_dir=tmp_path)
 

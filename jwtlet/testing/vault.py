@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import sys
 import time
 import uuid
@@ -65,10 +66,25 @@ def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+def rfc3339_nano(seconds: float) -> str:
+    """
+    An instant the way Vault's JSON shows a Go ``time.Time`` (``RFC3339Nano``):
+    nanoseconds with trailing zeros (and a bare dot) dropped, UTC as ``Z``.
+    """
+    # The fraction on its own: scaling the whole instant would lose nanoseconds to float precision.
+    whole = math.floor(seconds)
+    carry, nanos = divmod(round((seconds - whole) * 1_000_000_000), 1_000_000_000)
+    whole += carry
+    fraction = f".{nanos:09d}".rstrip("0") if nanos else ""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + fraction + "Z"
+
+
 @attrs.define
 class TransitKey:
     name: str
     type: str
+    #: when "now" is for ``creation_time``: the fake Vault's clock
+    now: Callable[[], float] = time.time
     versions: list[Any] = attrs.field(factory=list)
     created: list[str] = attrs.field(factory=list)
     min_decryption_version: int = 1
@@ -82,7 +98,7 @@ class TransitKey:
         else:
             key = rsa.generate_private_key(public_exponent=65537, key_size=int(self.type.split("-")[1]))
         self.versions.append(key)
-        self.created.append(time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()))
+        self.created.append(rfc3339_nano(self.now()))
 
     @property
     def latest(self) -> int:
@@ -149,7 +165,7 @@ class FakeVault:
         self.tokens[token] = VaultToken(ttl, expires, renewable, policies or ["default", "signer"])
 
     def create_key(self, name: str, key_type: str = "ed25519") -> TransitKey:
-        key = TransitKey(name, key_type)
+        key = TransitKey(name, key_type, now=self.now)
         key.rotate()
         self.keys[name] = key
         return key
