@@ -115,10 +115,13 @@ class TokenIssuer:
             return
         if not IReplayRecord.providedBy(self.store):
             raise policy.server_error()
-        expires_at = identity.expires_at or (self.clock.seconds() + 3600)
+        # Remembered for as long as the validator would still accept the token
+        # (exp plus its leeway): forgetting it at exp would let it be replayed
+        # inside the leeway.
+        remember_until = identity.accepted_until or identity.expires_at or (self.clock.seconds() + 3600)
         try:
             first = await as_deferred(
-                self.store.record_token_id(identity.issuer, identity.token_id, expires_at)
+                self.store.record_token_id(identity.issuer, identity.token_id, remember_until)
             )
         except DependencyUnavailable as error:
             raise policy.temporarily_unavailable(error.retry_after) from None
@@ -129,14 +132,18 @@ class TokenIssuer:
     async def exchange(self, request: TokenRequest) -> IssuedToken:
         """The whole RFC 8693 decision for a request from ``POST /token``."""
         started = self.clock.seconds()
+        client: Optional[str] = None
         try:
-            self.limit(self.limiter.check_global())
             subject = await self.validate(request.subject_token, self.client_audience)
+            client = subject.username
             actor = None
             if request.actor_token is not None:
                 actor = await self.validate(request.actor_token, self.client_audience)
+            # Counted only once the tokens validated, so that a flood of
+            # rejected tokens never uses up the budget of valid clients.
+            self.limit(self.limiter.check_global())
         except ExchangeError as refusal:
-            self.refused(None, request, refusal)
+            self.refused(client, request, refusal)
             raise
         try:
             return await self.issue_for(subject, request, actor)

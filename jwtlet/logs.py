@@ -1,6 +1,8 @@
 """
-Structured logs: one JSON object per line with ``time``, ``level``, ``event``
-and the event's fields, twistd's own events included.
+Structured logs: one line per event with ``time``, ``level``, ``event`` and
+the event's fields, twistd's own events included: a JSON object
+(``logging.format: json``) or ``time level event key=value ...`` (``text``),
+the same fields either way.
 
 twistd starts its log observer after ``makeService``; the plugin's options
 point twistd's ``--logger`` at :func:`observer` (unless the user named one),
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import IO, Any, Mapping, Optional
+from typing import IO, Any, Callable, Mapping, Optional
 
 import attrs
 from twisted.logger import (
@@ -23,7 +25,6 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
-    textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
 from twisted.python.threadable import isInIOThread
@@ -72,10 +73,10 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def to_json(event: Mapping[str, Any]) -> str:
+def _record(event: Mapping[str, Any]) -> dict[str, Any]:
     """
-    One log line.  Failures are named by type and message only: tracebacks
-    can quote locals such as tokens, so they are not written.
+    The fields of one log line.  Failures are named by type and message
+    only: tracebacks can quote locals such as tokens, so they are not written.
     """
     level = event.get("log_level", LogLevel.info)
     record: dict[str, Any] = {
@@ -97,26 +98,57 @@ def to_json(event: Mapping[str, Any]) -> str:
         if key in ("system", "isError", "why", "failure"):
             continue
         record[key] = _plain(value)
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    return record
+
+
+def to_json(event: Mapping[str, Any]) -> str:
+    """One log line as a JSON object."""
+    return json.dumps(_record(event), ensure_ascii=False, separators=(",", ":"))
+
+
+def _text_value(value: Any) -> str:
+    """
+    A value as ``key=value`` shows it: bare when that is unambiguous, else
+    quoted as a JSON string, which also escapes line breaks and other
+    control characters so that a value can never start a forged line.
+    Lists and objects are compact JSON (their quotes cannot be mistaken for
+    the start of a quoted value).
+    """
+    if isinstance(value, str):
+        text, awkward = value, '="'
+    else:
+        text, awkward = json.dumps(value, ensure_ascii=False, separators=(",", ":")), "="
+    if text and text.isprintable() and not any(char.isspace() or char in awkward for char in text):
+        return text
+    return json.dumps(text, ensure_ascii=not text.isprintable())
+
+
+def to_text(event: Mapping[str, Any]) -> str:
+    """One log line as ``time level event key=value ...``, the fields of :func:`to_json`."""
+    record = _record(event)
+    head = [str(record.pop(name)) for name in ("time", "level", "event")]
+    return " ".join(head + [f"{key}={_text_value(value)}" for key, value in record.items()])
 
 
 @implementer(ILogObserver)
 @attrs.define
-class JSONLineObserver:
+class LineObserver:
     """
-    Writes one JSON line per event.  With a ``reactor``, lines logged in the
-    reactor thread are written together once per reactor turn (one write and
-    flush for all the lines of a busy turn instead of one per line); lines
-    from other threads, and every line once the reactor stops, go out at once.
+    Writes one line per event, as ``render`` makes it.  With a ``reactor``,
+    lines logged in the reactor thread are written together once per reactor
+    turn (one write and flush for all the lines of a busy turn instead of one
+    per line); lines from other threads, and every line once the reactor
+    stops, go out at once.
     """
 
     stream: IO[str]
     reactor: Any = None
+    render: Callable[[Mapping[str, Any]], str] = to_json
     _pending: list[str] = attrs.field(factory=list)
     _scheduled: bool = False
 
     def __call__(self, event: Mapping[str, Any]) -> None:
-        line = to_json(event) + "\n"
+        line = self.render(event) + "\n"
         if self.reactor is None or not self.reactor.running or not isInIOThread():
             self.stream.write(line)
             self.stream.flush()
@@ -143,15 +175,9 @@ def _stream(logfile: Optional[str]) -> IO[str]:
 def observer() -> ILogObserver:
     """The observer twistd's ``--logger`` names: format and level from config."""
     settings = _settings
-    stream = _stream(settings.logfile)
-    inner: ILogObserver
-    if settings.format == "json":
-        from twisted.internet import reactor
+    from twisted.internet import reactor
 
-        lines = JSONLineObserver(stream, reactor)
-        reactor.addSystemEventTrigger("after", "shutdown", lines.flush)
-        inner = lines
-    else:
-        inner = textFileLogObserver(stream)
+    lines = LineObserver(_stream(settings.logfile), reactor, to_json if settings.format == "json" else to_text)
+    reactor.addSystemEventTrigger("after", "shutdown", lines.flush)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS.get(settings.level.lower(), LogLevel.info))
-    return FilteringLogObserver(inner, [predicate])
+    return FilteringLogObserver(lines, [predicate])

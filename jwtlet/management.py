@@ -1,19 +1,26 @@
 """
 The management site (default port 8081): ``/api/v1`` for mappings, scopes,
-integrations and API keys, authenticated by the caller's own token and
-authorised by role; audit events for every change; ``/metrics``.
+integrations and API keys, authenticated by the caller's own token (rejected
+tokens remembered for a minute) and authorised by role; audit events for
+every change and every refused authorisation; ``/metrics``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Any, Awaitable, Callable, ClassVar, Mapping, Optional
+from typing import Any, Awaitable, Callable, ClassVar, Mapping, Optional, cast
 from urllib.parse import quote
 
 import attrs
+from cachetools import TTLCache
 from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from jwtlet import apikeys, resources
 from jwtlet._async import as_deferred
@@ -48,17 +55,33 @@ ALL_WRITE = "management:write"
 MAX_TIER = 2**31 - 1
 
 
+# A rejected management token is not sent to the validator again for this
+# long, and at most this many rejections are remembered (the oldest go first).
+REJECTED_TTL_SECS = 60.0
+MAX_REJECTED = 10_000
+
+
 # Routes over a path whose shape decides the methods take every method and
 # check it themselves, so that 405 and its Allow header fit the shape.
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-def only(request: IRequest, *allowed: str) -> None:
-    """405 with ``Allow`` unless the request uses one of ``allowed`` (HEAD goes with GET)."""
+def method_of(request: IRequest, *allowed: str) -> str:
+    """
+    The method a handler branches on: 405 with ``Allow`` unless the request
+    uses one of ``allowed``, and ``HEAD`` answered as ``GET`` (Twisted drops
+    the body).  werkzeug routes ``HEAD`` to every rule that serves ``GET``;
+    a handler that compared the raw method with ``GET`` sent ``HEAD`` down
+    its write branch, so handlers compare only this value.
+    """
     method = request.method.decode("ascii", "replace")
     permitted = set(allowed) | ({"HEAD"} if "GET" in allowed else set())
     if method not in permitted:
         raise method_not_allowed(*sorted(permitted))
+    return "GET" if method == "HEAD" else method
+
+
+AUDIT_LEVELS = {"success": LogLevel.info, "refused": LogLevel.warn, "error": LogLevel.error}
 
 
 def may(roles: frozenset[str], needed: str) -> bool:
@@ -82,6 +105,66 @@ def bearer_token(header: Optional[bytes]) -> Optional[str]:
 
 UNAUTHORIZED = APIError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
 FORBIDDEN = APIError(403, {"error": "forbidden"})
+
+
+@attrs.define
+class RejectionCache:
+    """
+    A validator in front of another that asks it about a token it rejected
+    at most once per ``ttl``, so a flood of garbage bearer tokens cannot
+    become a flood of TokenReview calls.  Only rejections are remembered (an
+    outage must not lock a valid caller out), by the SHA-256 of audience and
+    token (never the token itself), in a bounded cache.  Validations of one
+    token already under way are shared, so a burst of one token sent at once
+    is one call too; that table holds only requests in flight.
+    """
+
+    validator: Any
+    clock: IReactorTime
+    ttl: float = REJECTED_TTL_SECS
+    max_entries: int = MAX_REJECTED
+    _rejected: TTLCache[bytes, bool] = attrs.field(init=False)
+    _in_flight: dict[bytes, list[Deferred[Identity]]] = attrs.field(init=False, factory=dict)
+
+    @_rejected.default
+    def _new_cache(self) -> TTLCache[bytes, bool]:
+        return TTLCache(maxsize=self.max_entries, ttl=self.ttl, timer=self.clock.seconds)
+
+    def validate(self, token: str, audience: Optional[str]) -> Deferred[Identity]:
+        key = hashlib.sha256(f"{audience}\0{token}".encode()).digest()
+        if key in self._rejected:
+            return fail(TokenRejected("rejected recently"))
+        waiting = self._in_flight.get(key)
+        answer: Deferred[Identity] = Deferred()
+        if waiting is not None:
+            waiting.append(answer)
+            return answer
+        self._in_flight[key] = [answer]
+        as_deferred(self.validator.validate(token, audience)).addBoth(self._settled, key)
+        return answer
+
+    def __len__(self) -> int:
+        """How many rejections are remembered."""
+        return len(self._rejected)
+
+    def _settled(self, result: Identity | Failure, key: bytes) -> None:
+        if isinstance(result, Failure) and result.check(TokenRejected):
+            self._rejected[key] = True
+        for answer in self._in_flight.pop(key):
+            # A waiter whose request went away has been cancelled already.
+            if answer.called:
+                continue
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+
+
+def _reactor() -> IReactorTime:
+    """The global reactor, for a ManagementAPI built without a clock."""
+    from twisted.internet import reactor
+
+    return cast(IReactorTime, reactor)
 
 
 def bad_request(message: str) -> APIError:
@@ -112,27 +195,39 @@ class ManagementAPI:
     metrics_enabled: bool
     readiness: Readiness
     random_bytes: Callable[[int], bytes] = os.urandom
+    clock: IReactorTime = attrs.field(factory=_reactor)
+    _callers: RejectionCache = attrs.field(init=False)
+
+    @_callers.default
+    def _new_callers(self) -> RejectionCache:
+        return RejectionCache(self.validator, self.clock)
 
     # -- plumbing -------------------------------------------------------------
 
-    def count(self, request: Any, route: str) -> None:
-        """Count the request by route and final status once it is answered."""
-        request.notifyFinish().addBoth(
-            lambda _: self.metrics.management_requests.labels(route, str(request.code)).inc()
+    def enter(self, request: IRequest, route: str, *allowed: str) -> str:
+        """
+        Count the request by route and final status once it is answered, and
+        check its method (before any authentication): the method to branch on.
+        """
+        answered = cast(Request, request)
+        answered.notifyFinish().addBoth(
+            lambda _: self.metrics.management_requests.labels(route, str(answered.code)).inc()
         )
+        return method_of(request, *allowed)
 
-    async def authorise(self, request: IRequest, needed: str) -> Identity:
+    async def authorise(self, request: IRequest, route: str, needed: str) -> Identity:
         token = bearer_token(request.getHeader(b"authorization"))
         if token is None:
             raise UNAUTHORIZED
         try:
-            identity: Identity = await as_deferred(self.validator.validate(token, self.audience))
+            identity: Identity = await self._callers.validate(token, self.audience)
         except TokenRejected as error:
             log.info("management caller rejected: {reason}", reason=str(error))
             raise UNAUTHORIZED from None
         roles = frozenset(self.roles.get(identity.username, ()))
         if not may(roles, needed):
-            log.info("{caller} lacks {role}", caller=identity.username, role=needed)
+            emit(log, "authz.denied", LogLevel.warn, actor=identity.username, route=route,
+                 method=request.method.decode("ascii", "replace"), role=needed)
             raise FORBIDDEN
         return identity
 
@@ -153,8 +248,10 @@ class ManagementAPI:
         action: Callable[[], Awaitable[Any]],
     ) -> Any:
         """
-        Run a store change and write its audit event: success only when the
-        store acknowledged it, otherwise ``refused`` with the reason.
+        Run a store change and write its audit event: ``success`` only when
+        the store acknowledged it, ``refused`` with the reason when the change
+        was not allowed, ``error`` when the store failed (or the request went
+        away) and the change may not have happened.
         """
         try:
             result = await action()
@@ -162,7 +259,13 @@ class ManagementAPI:
             self.audit(caller, event, subject, "refused", str(error.body.get("error")))
             raise
         except DependencyUnavailable:
-            self.audit(caller, event, subject, "refused", "temporarily_unavailable")
+            self.audit(caller, event, subject, "error", "temporarily_unavailable")
+            raise
+        except CancelledError:
+            self.audit(caller, event, subject, "error", "cancelled")
+            raise
+        except Exception:
+            self.audit(caller, event, subject, "error", "server_error")
             raise
         self.audit(caller, event, subject, "success")
         return result
@@ -178,7 +281,7 @@ class ManagementAPI:
         fields = dict(subject, actor=caller.username, outcome=outcome)
         if error is not None:
             fields["error"] = error
-        emit(log, event, LogLevel.info if outcome == "success" else LogLevel.warn, **fields)
+        emit(log, event, AUDIT_LEVELS[outcome], **fields)
 
     def parse(self, parser: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -190,15 +293,15 @@ class ManagementAPI:
 
     @app.route(f"{PREFIX}/mappings", methods=["GET", "POST"])
     async def mappings(self, request: IRequest) -> bytes:
-        self.count(request, "/api/v1/mappings")
-        if request.method == b"GET":
-            await self.authorise(request, READ)
+        route = f"{PREFIX}/mappings"
+        if self.enter(request, route, "GET", "POST") == "GET":
+            await self.authorise(request, route, READ)
             client = request.args.get(b"clientIdentifier", [None])[0]
             found = await as_deferred(
                 self.store.list_mappings(client.decode("utf-8", "replace") if client else None)
             )
             return json_response(request, [resources.mapping_to_json(m) for m in found])
-        caller = await self.authorise(request, MAPPINGS_WRITE)
+        caller = await self.authorise(request, route, MAPPINGS_WRITE)
         mapping = self.parse(resources.mapping_from_json, self.json_body(request))
         subject = {"clientIdentifier": mapping.client_identifier,
                    "participantContext": mapping.participant_context}
@@ -220,24 +323,24 @@ class ManagementAPI:
     async def mapping(self, request: IRequest, _rest: str) -> bytes:
         segments = self.segments(request, "/mappings/")
         if len(segments) == 1:
-            self.count(request, "/api/v1/mappings/{client}")
-            only(request, "DELETE")
-            return await self.delete_client(request, segments[0])
+            route = f"{PREFIX}/mappings/{{client}}"
+            self.enter(request, route, "DELETE")
+            return await self.delete_client(request, route, segments[0])
         if len(segments) != 2:
             raise not_found()
-        self.count(request, "/api/v1/mappings/{client}/{context}")
-        only(request, "GET", "PUT", "DELETE")
+        route = f"{PREFIX}/mappings/{{client}}/{{context}}"
+        method = self.enter(request, route, "GET", "PUT", "DELETE")
         client, context = segments
         subject = {"clientIdentifier": client, "participantContext": context}
-        if request.method == b"GET":
-            await self.authorise(request, READ)
+        if method == "GET":
+            await self.authorise(request, route, READ)
             try:
                 found = await as_deferred(self.store.get_mapping(client, context))
             except NotFound:
                 raise not_found() from None
             return json_response(request, resources.mapping_to_json(found))
-        caller = await self.authorise(request, MAPPINGS_WRITE)
-        if request.method == b"DELETE":
+        caller = await self.authorise(request, route, MAPPINGS_WRITE)
+        if method == "DELETE":
             await self.change(caller, "mapping.deleted", subject,
                               lambda: as_deferred(self.store.delete_mapping(client, context)))
             return self.no_content(request)
@@ -256,8 +359,8 @@ class ManagementAPI:
         await self.change(caller, "mapping.updated", subject, update)
         return self.no_content(request)
 
-    async def delete_client(self, request: IRequest, client: str) -> bytes:
-        caller = await self.authorise(request, MAPPINGS_WRITE)
+    async def delete_client(self, request: IRequest, route: str, client: str) -> bytes:
+        caller = await self.authorise(request, route, MAPPINGS_WRITE)
         await self.change(caller, "mapping.deleted_all", {"clientIdentifier": client},
                           lambda: as_deferred(self.store.delete_client_mappings(client)))
         return self.no_content(request)
@@ -266,12 +369,12 @@ class ManagementAPI:
 
     @app.route(f"{PREFIX}/scopes", methods=["GET", "POST"])
     async def scopes(self, request: IRequest) -> bytes:
-        self.count(request, "/api/v1/scopes")
-        if request.method == b"GET":
-            await self.authorise(request, READ)
+        route = f"{PREFIX}/scopes"
+        if self.enter(request, route, "GET", "POST") == "GET":
+            await self.authorise(request, route, READ)
             found = await as_deferred(self.store.list_scopes())
             return json_response(request, [resources.scope_to_json(s) for s in found])
-        caller = await self.authorise(request, SCOPE_WRITE)
+        caller = await self.authorise(request, route, SCOPE_WRITE)
         scope = self.parse(resources.scope_from_json, self.json_body(request), self.reserved_claims)
 
         async def add() -> None:
@@ -289,18 +392,18 @@ class ManagementAPI:
         segments = self.segments(request, "/scopes/")
         if len(segments) != 1:
             raise not_found()
-        self.count(request, "/api/v1/scopes/{scope}")
-        only(request, "GET", "PUT", "DELETE")
+        route = f"{PREFIX}/scopes/{{scope}}"
+        method = self.enter(request, route, "GET", "PUT", "DELETE")
         name = segments[0]
-        if request.method == b"GET":
-            await self.authorise(request, READ)
+        if method == "GET":
+            await self.authorise(request, route, READ)
             try:
                 found = await as_deferred(self.store.get_scope(name))
             except NotFound:
                 raise not_found() from None
             return json_response(request, resources.scope_to_json(found))
-        caller = await self.authorise(request, SCOPE_WRITE)
-        if request.method == b"DELETE":
+        caller = await self.authorise(request, route, SCOPE_WRITE)
+        if method == "DELETE":
             await self.change(caller, "scope.deleted", {"scope": name},
                               lambda: as_deferred(self.store.delete_scope(name)))
             return self.no_content(request)
@@ -322,12 +425,12 @@ class ManagementAPI:
 
     @app.route(f"{PREFIX}/integrations", methods=["GET", "POST"])
     async def integrations(self, request: IRequest) -> bytes:
-        self.count(request, "/api/v1/integrations")
-        if request.method == b"GET":
-            await self.authorise(request, READ)
+        route = f"{PREFIX}/integrations"
+        if self.enter(request, route, "GET", "POST") == "GET":
+            await self.authorise(request, route, READ)
             found = await as_deferred(self.store.list_integrations())
             return json_response(request, [resources.integration_to_json(i) for i in found])
-        caller = await self.authorise(request, APIKEYS_WRITE)
+        caller = await self.authorise(request, route, APIKEYS_WRITE)
         body = self.json_body(request)
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object")
@@ -350,13 +453,13 @@ class ManagementAPI:
     async def integration_keys(self, request: IRequest, _rest: str) -> bytes:
         segments = self.segments(request, "/integrations/")
         if len(segments) == 2 and segments[1] == "keys":
-            self.count(request, "/api/v1/integrations/{id}/keys")
-            only(request, "POST")
-            return await self.create_key(request, segments[0])
+            route = f"{PREFIX}/integrations/{{id}}/keys"
+            self.enter(request, route, "POST")
+            return await self.create_key(request, route, segments[0])
         if len(segments) == 3 and segments[1] == "keys":
-            self.count(request, "/api/v1/integrations/{id}/keys/{keyId}")
-            only(request, "DELETE")
-            caller = await self.authorise(request, APIKEYS_WRITE)
+            route = f"{PREFIX}/integrations/{{id}}/keys/{{keyId}}"
+            self.enter(request, route, "DELETE")
+            caller = await self.authorise(request, route, APIKEYS_WRITE)
             integration_id, key_id = segments[0], segments[2]
             await self.change(
                 caller, "apikey.revoked", {"integrationId": integration_id, "keyId": key_id},
@@ -365,8 +468,8 @@ class ManagementAPI:
             return self.no_content(request)
         raise not_found()
 
-    async def create_key(self, request: IRequest, integration_id: str) -> bytes:
-        caller = await self.authorise(request, APIKEYS_WRITE)
+    async def create_key(self, request: IRequest, route: str, integration_id: str) -> bytes:
+        caller = await self.authorise(request, route, APIKEYS_WRITE)
         body = self.json_body(request)
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object")

@@ -1,16 +1,17 @@
-"""Structured log lines: shape, no tracebacks, and batching per reactor turn."""
+"""Structured log lines, JSON and text: shape, no tracebacks, and batching per reactor turn."""
 
 from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from jwtlet.logs import JSONLineObserver, emit, to_json
+from jwtlet.logs import LineObserver, LogSettings, emit, observer, to_json, to_text
 
 
 def test_a_named_event_has_time_level_event_and_its_fields() -> None:
@@ -42,7 +43,7 @@ class RunningClock(Clock):
 def test_lines_of_one_reactor_turn_are_written_together(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = io.StringIO()
     clock = RunningClock()
-    observer = JSONLineObserver(stream, clock)
+    observer = LineObserver(stream, clock)
     monkeypatch.setattr("jwtlet.logs.isInIOThread", lambda: True)
     for index in range(3):
         observer({"log_level": LogLevel.info, "jwtlet_event": "e", "n": index, "log_time": 0})
@@ -52,3 +53,52 @@ def test_lines_of_one_reactor_turn_are_written_together(monkeypatch: pytest.Monk
     monkeypatch.setattr("jwtlet.logs.isInIOThread", lambda: False)
     observer({"log_level": LogLevel.info, "jwtlet_event": "e", "n": 3, "log_time": 0})
     assert json.loads(stream.getvalue().splitlines()[-1])["n"] == 3, "other threads write at once"
+
+
+def audit_event(**fields: object) -> dict:
+    events: list[dict] = []
+    emit(Logger(namespace="jwtlet.management", observer=events.append), "mapping.created", LogLevel.info,
+         **fields)
+    return events[0]
+
+
+def test_a_text_line_carries_the_same_fields_as_the_json_line() -> None:
+    event = audit_event(actor="system:serviceaccount:platform:admin", clientIdentifier="c", outcome="success",
+                        scopes=["read", "write"])
+    line = to_text(event)
+    as_json = json.loads(to_json(event))
+    assert line == (f"{as_json['time']} info mapping.created actor=system:serviceaccount:platform:admin "
+                    'clientIdentifier=c outcome=success scopes=["read","write"]')
+
+
+def test_text_values_with_spaces_or_equals_signs_are_quoted() -> None:
+    line = to_text(audit_event(actor="a b", clientIdentifier="x=y", outcome="refused", error="",
+                               keyId='say "hi"', scopes=["has space"], tier=3))
+    assert line.split(" ", 3)[3] == (
+        'actor="a b" clientIdentifier="x=y" outcome=refused error="" keyId="say \\"hi\\"" '
+        'scopes="[\\"has space\\"]" tier=3')
+
+
+def test_a_value_with_a_line_break_cannot_forge_a_second_text_line() -> None:
+    """An attacker-chosen value holding a newline (or U+2028) stays on its event's one line."""
+    forged = "x\n2026-01-01T00:00:00.000Z info mapping.deleted actor=admin outcome=success"
+    line = to_text(audit_event(actor="attacker", clientIdentifier=forged, other="a\u2028b", outcome="refused"))
+    assert "\n" not in line and "\u2028" not in line
+    assert line.splitlines() == [line]
+    assert 'clientIdentifier="x\\n2026' in line
+
+
+def test_events_of_twisted_itself_keep_their_message_in_text() -> None:
+    events: list[dict] = []
+    Logger(namespace="twisted.web", observer=events.append).info("Starting factory {name}", name="f")
+    assert to_text(events[0]).split(" ", 1)[1] == 'info twisted.web message="Starting factory f" name=f'
+
+
+def test_logging_format_text_writes_key_value_audit_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("jwtlet.logs._settings", LogSettings(format="text", logfile=str(tmp_path / "log")))
+    monkeypatch.setattr("jwtlet.logs.isInIOThread", lambda: False)
+    observe = observer()
+    observe(audit_event(actor="admin", clientIdentifier="c", outcome="error", error="temporarily_unavailable"))
+    written = (tmp_path / "log").read_text()
+    assert written.endswith(" info mapping.created actor=admin clientIdentifier=c outcome=error "
+                            "error=temporarily_unavailable\n")

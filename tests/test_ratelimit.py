@@ -1,9 +1,14 @@
-"""Token buckets on a fake clock."""
+"""Token buckets on a fake clock, and what the token port counts against them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from apps import WORKLOAD, Apps, Reply, call, make_apps
 from twisted.internet.task import Clock
 
+from jwtlet import policy
+from jwtlet.model import ResourceMapping
 from jwtlet.ratelimit import RateLimiter
 
 
@@ -36,3 +41,24 @@ def test_the_key_table_is_bounded() -> None:
     for key in "abcdef":
         limiter.check(key)
     assert list(limiter._keys) == ["d", "e", "f"]
+
+
+def exchange(apps: Apps, subject_token: str) -> Reply:
+    form = {"grant_type": policy.GRANT_TYPE_TOKEN_EXCHANGE, "subject_token": subject_token, "resource": "ctx"}
+    return call(apps.token, "POST", "http://jwtlet.test/token", data=form)
+
+
+def test_a_flood_of_garbage_tokens_does_not_use_up_the_global_budget_of_valid_clients(tmp_path: Path) -> None:
+    """
+    An attacker sends a hundred forged subject tokens within one second under
+    a global limit of one exchange a second: each is refused as a bad grant,
+    and the valid client that comes next still gets its token.
+    """
+    apps = make_apps(tmp_path, {"rate_limits": {"global_per_sec": 1}})
+    apps.store().add_mapping(ResourceMapping(WORKLOAD.username, "ctx"))
+    refused = {(reply.code, reply.json()["error"]) for reply in
+               (exchange(apps, f"forged-{index}") for index in range(100))}
+    assert refused == {(400, "invalid_grant")}
+    assert exchange(apps, "token-workload").code == 200
+    limited = exchange(apps, "token-workload")
+    assert (limited.code, limited.json()["error"]) == (429, "rate_limited"), "the global limit still holds"
