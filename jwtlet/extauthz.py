@@ -3,18 +3,21 @@ The Envoy ext_authz front, independent of transport: check the workload's
 ``authorization`` header, then swap its token for one valid in the target
 cluster (``kubernetes-tokenrequest``) or for a jwtlet-signed JWT (``jwt``).
 Dependencies down raise :class:`DependencyUnavailable`: the transports turn
-that into 503 / UNAVAILABLE, never into an allow.
+that into 503 / UNAVAILABLE, never into an allow.  Nothing else ever leaves
+:meth:`ExtAuthz.check` as an error: Envoy applies ``failure_mode_allow`` to
+errors, so a credential that makes something fail must still be a deny.
 """
 
 from __future__ import annotations
 
+import traceback
 from typing import Any, Mapping, Optional
 
 import attrs
 from twisted.logger import Logger, LogLevel
 
 from jwtlet._async import as_deferred
-from jwtlet.config import Config
+from jwtlet.config import Config, ExtAuthzConfig
 from jwtlet.discovery import Discovered, build
 from jwtlet.httpclient import build_http_client
 from jwtlet.interfaces import DependencyUnavailable, PluginContext, TokenRejected
@@ -22,6 +25,7 @@ from jwtlet.issuer import TokenIssuer
 from jwtlet.logs import emit
 from jwtlet.management import bearer_token
 from jwtlet.metrics import Metrics
+from jwtlet.model import Identity
 from jwtlet.policy import ExchangeError, TokenRequest
 from jwtlet.tokenfile import TokenFile
 from jwtlet.tokenrequest import Denied, TokenRequestClient
@@ -45,16 +49,30 @@ class Decision:
         return cls(False, status, None, reason)
 
 
+def from_source_cluster(identity: Identity, source_issuers: Optional[frozenset[str]]) -> bool:
+    """
+    Whether ``identity`` may be mapped to the same namespace and name in the
+    target cluster: ``system:serviceaccount:apps:web`` of another trusted
+    cluster is somebody else (security.md).  ``None``: the validator trusts
+    one issuer only (the config requires the list otherwise).
+    """
+    return source_issuers is None or identity.issuer in source_issuers
+
+
 @attrs.define
 class TokenRequestExchange:
     client: TokenRequestClient
     metrics: Metrics
+    source_issuers: Optional[frozenset[str]] = None
 
-    async def exchange(self, identity: Any, resource: Optional[str]) -> Decision:
+    async def exchange(self, identity: Identity, resource: Optional[str]) -> Decision:
         if not identity.namespace or not identity.name:
             return Decision.deny(403, "not a service account")
+        if not from_source_cluster(identity, self.source_issuers):
+            return Decision.deny(403, "not from a source issuer")
         try:
-            issued, cached = await self.client.token_for(identity.namespace, identity.name, identity.uid)
+            issued, cached = await self.client.token_for(
+                identity.issuer, identity.namespace, identity.name, identity.uid)
         except Denied:
             return Decision.deny(403, "no such service account in the target cluster")
         if cached:
@@ -66,7 +84,7 @@ class TokenRequestExchange:
 class JwtExchange:
     issuer: TokenIssuer
 
-    async def exchange(self, identity: Any, resource: Optional[str]) -> Decision:
+    async def exchange(self, identity: Identity, resource: Optional[str]) -> Decision:
         if not resource:
             return Decision.deny(403, "no participant context requested")
         request = TokenRequest(subject_token="", subject_token_type=None, resource=resource)
@@ -77,6 +95,19 @@ class JwtExchange:
                 raise DependencyUnavailable(refusal.description, refusal.retry_after or 5) from None
             return Decision.deny(403, refusal.code)
         return Decision.allow(issued.access_token)
+
+
+def failed(error: Exception, mode: str) -> Decision:
+    """
+    A bug, or a credential nobody anticipated, made the check fail: deny
+    (403), never an error Envoy could read as "allow".  The message and the
+    traceback's text may quote the token, so only the type and the place
+    are logged.
+    """
+    where = traceback.extract_tb(error.__traceback__)[-1]
+    emit(log, "ext_authz.failed", LogLevel.error, mode=mode, error_type=type(error).__name__,
+         where=f"{where.filename}:{where.lineno}")
+    return Decision.deny(403, "internal error")
 
 
 @attrs.define
@@ -95,6 +126,8 @@ class ExtAuthz:
         except DependencyUnavailable:
             self.metrics.ext_authz_checks.labels(mode, "error").inc()
             raise
+        except Exception as error:
+            decision = failed(error, mode)
         outcome = "allowed" if decision.allowed else "denied"
         self.metrics.ext_authz_checks.labels(mode, outcome).inc()
         emit(log, f"ext_authz.{outcome}", LogLevel.info, mode=mode, status=decision.status,
@@ -124,6 +157,12 @@ class ExtAuthzParts:
     grpc_service: Any
 
 
+def build_ext_authz_validator(settings: ExtAuthzConfig, discovered: Discovered, context: PluginContext) -> Any:
+    """The front's own validator; option problems raise ``PluginConfigError`` naming ``ext_authz.validator``."""
+    section = attrs.evolve(settings.validator, section="ext_authz.validator")
+    return build(discovered, "validator", section, context)
+
+
 def build_ext_authz(
     config: Config, discovered: Discovered, context: PluginContext, issuer: TokenIssuer, metrics: Metrics
 ) -> ExtAuthzParts:
@@ -132,9 +171,7 @@ def build_ext_authz(
 
     settings = config.ext_authz
     assert settings is not None
-    options = dict(settings.validator.options)
-    section = attrs.evolve(settings.validator, options=options, section="ext_authz.validator")
-    validator = build(discovered, "validator", section, context)
+    validator = build_ext_authz_validator(settings, discovered, context)
     exchanger: Any
     if settings.exchange == "kubernetes-tokenrequest":
         target = settings.target_cluster
@@ -149,6 +186,7 @@ def build_ext_authz(
                 expiration_secs=target.expiration_secs,
             ),
             metrics,
+            frozenset(settings.source_issuers) if settings.source_issuers is not None else None,
         )
     else:
         exchanger = JwtExchange(issuer)

@@ -26,20 +26,26 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
-from jwtlet.extauthz import Decision, ExtAuthz
+from jwtlet.extauthz import Decision, ExtAuthz, failed
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError
 
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+LOOPBACK = "127.0.0.1"
 _TCP = re.compile(r"^tcp:(?P<port>\d+)(?::interface=(?P<interface>[^:]+))?$")
 
 
 def grpc_address(description: str) -> str:
-    """A Twisted ``tcp:PORT[:interface=ADDR]`` description as grpcio's ``ADDR:PORT``."""
+    """
+    A Twisted ``tcp:PORT[:interface=ADDR]`` description as grpcio's
+    ``ADDR:PORT``.  Without ``interface=`` the listener binds loopback, not
+    Twisted's all-interfaces default: Envoy runs beside jwtlet in the pod
+    (the sidecar model), and nobody else should reach the check.
+    """
     match = _TCP.match(description)
     if match is None:
         raise PluginConfigError(
             f"ext_authz.grpc_endpoint: {description!r} is not supported (use tcp:PORT[:interface=ADDR])")
-    interface = match.group("interface") or "0.0.0.0"  # noqa: S104 - Twisted's tcp default
+    interface = match.group("interface") or LOOPBACK
     return f"{interface}:{match.group('port')}"
 
 
@@ -77,6 +83,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         except DependencyUnavailable:
             # An RPC error, not a CheckResponse: Envoy applies its failure policy.
             context.abort(grpc.StatusCode.UNAVAILABLE, "a dependency is unavailable")
+        except Exception as error:
+            # ExtAuthz.check denies its own failures; this is the bridge to the
+            # reactor failing (the daemon stopping).  grpcio would answer
+            # UNKNOWN with the exception's text: a deny instead.
+            decision = failed(error, "grpc")
         return check_response(decision)
 
 

@@ -1,7 +1,7 @@
 """
 TokenRequest in a target cluster: a token for the same namespace and
-service-account name there, cached per workload service-account UID until
-shortly before it expires.
+service-account name there, cached per workload service account (its
+issuer and UID) until shortly before it expires.
 """
 
 from __future__ import annotations
@@ -47,17 +47,22 @@ class TokenRequestClient:
     audiences: tuple[str, ...]
     expiration_secs: int
     timeout: float = 5.0
-    _cache: OrderedDict[str, TargetToken] = attrs.field(factory=OrderedDict)
-    hits: int = 0
+    _cache: OrderedDict[tuple[str, str], TargetToken] = attrs.field(factory=OrderedDict)
 
     def fresh(self, cached: TargetToken, now: float) -> bool:
         # Refresh when a tenth of the lifetime (at least a minute) is left.
         margin = max(60.0, self.expiration_secs / 10)
         return now < cached.expires_at - margin
 
-    async def token_for(self, namespace: str, name: str, uid: Optional[str]) -> tuple[TargetToken, bool]:
-        """The target-cluster token and whether it came from the cache."""
-        key = uid or f"{namespace}/{name}"
+    async def token_for(
+        self, issuer: str, namespace: str, name: str, uid: Optional[str]
+    ) -> tuple[TargetToken, bool]:
+        """
+        The target-cluster token and whether it came from the cache.  The
+        issuer is part of the key: two clusters' accounts never share an
+        entry, even where their UIDs or names agree.
+        """
+        key = (issuer, uid or f"{namespace}/{name}")
         now = self.clock.seconds()
         cached = self._cache.get(key)
         if cached is not None and self.fresh(cached, now):

@@ -47,7 +47,7 @@ def write_config(tmp_path: Path, workload: Cluster, target: Cluster, exchange: s
         "token": {"client_audience": AUDIENCE, "audience": "mgmt-api"},
         "signer": {"type": "local-key", "key_file": str(tmp_path / "k.jwk"), "generate": True},
         "ext_authz": {
-            "grpc_endpoint": f"tcp:{grpc_port}:interface=127.0.0.1",
+            "grpc_endpoint": f"tcp:{grpc_port}",  # binds loopback by default (the sidecar model)
             "http": True,
             "validator": {"type": "kubernetes-tokenreview", "api_server_url": workload.url, "token_file": str(own)},
             "audience": AUDIENCE,

@@ -26,6 +26,7 @@ from jwtlet.extauthz_http import ExtAuthzHTTP
 from jwtlet.httpclient import build_http_client, close_http_client
 from jwtlet.interfaces import PluginConfigError
 from jwtlet.metrics import Metrics
+from jwtlet.model import Identity
 from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
 from jwtlet.testing.envoy import check_request, http_check
 from jwtlet.testing.loopback import serve
@@ -162,8 +163,10 @@ async def test_grpc_mode(grpc_front: Any) -> None:
     assert (await deferToThread(health_check)).status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_only_tcp_endpoint_descriptions_for_grpc() -> None:
-    assert grpc_address("tcp:9001") == "0.0.0.0:9001"
+def test_grpc_binds_loopback_unless_told_otherwise() -> None:
+    """The sidecar model: Envoy beside jwtlet in the pod is the only one who needs the check."""
+    assert grpc_address("tcp:9001") == "127.0.0.1:9001"
+    assert grpc_address("tcp:9001:interface=0.0.0.0") == "0.0.0.0:9001"
     assert grpc_address("tcp:9001:interface=127.0.0.1") == "127.0.0.1:9001"
     with pytest.raises(PluginConfigError):
         grpc_address("unix:/run/jwtlet.sock")
@@ -174,5 +177,18 @@ def test_jwt_exchange_needs_a_participant_context() -> None:
     result: list[Any] = []
     from twisted.internet.defer import ensureDeferred
 
-    ensureDeferred(exchange.exchange(object(), None)).addBoth(result.append)
+    caller = Identity(username="system:serviceaccount:apps:web", issuer="https://workload-cluster")
+    ensureDeferred(exchange.exchange(caller, None)).addBoth(result.append)
     assert (result[0].allowed, result[0].status) == (False, 403)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokenrequest_cache_is_per_issuer(front: Front) -> None:
+    """Two clusters' accounts with the same UID (or name) never share a cached target token."""
+    first, cached = await front.client.token_for("https://cluster-a", "apps", "web", "uid-1")
+    assert not cached
+    again, cached = await front.client.token_for("https://cluster-a", "apps", "web", "uid-1")
+    assert cached and again == first
+    other, cached = await front.client.token_for("https://cluster-b", "apps", "web", "uid-1")
+    assert not cached, "another issuer's account is another cache entry"
+    assert front.target.fake.requests["tokenrequests"] == 2
