@@ -8,6 +8,7 @@ from pathlib import Path
 import attrs
 
 from jwtlet import config
+from jwtlet.plugins import kubernetes_oidc, vault_transit
 
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -16,6 +17,7 @@ SECTIONS = {
     "k8s": config.K8sConfig,
     "token": config.TokenConfig,
     "rate_limits": config.RateLimits,
+    "limits": config.LimitsConfig,
     "management": config.ManagementConfig,
     "metrics": config.MetricsConfig,
     "logging": config.LoggingConfig,
@@ -24,7 +26,7 @@ SECTIONS = {
 }
 # Fields of the parsed config that are not keys of the file.
 NOT_KEYS = {"dev", "data_dir", "storage_backend", "validator", "signer", "token", "k8s", "rate_limits",
-            "management", "metrics", "logging"}
+            "limits", "management", "metrics", "logging"}
 
 
 def documented_tables() -> dict[str, set[str]]:
@@ -58,9 +60,27 @@ def test_every_documented_key_exists() -> None:
 
 def test_documented_defaults_match_the_classes() -> None:
     text = REFERENCE.read_text()
-    for section in ("k8s", "token", "logging"):
+    for section in ("k8s", "token", "limits", "logging"):
         for field in attrs.fields(SECTIONS[section]):
             if field.default is attrs.NOTHING or field.default is None:
                 continue
             default = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
             assert f"| `{field.name}` | `{default}` |" in text, (section, field.name, default)
+
+
+def section_text(name: str) -> str:
+    """The text of one ``## `name` `` section of the reference."""
+    match = re.search(rf"^## `{name}`\n(?P<body>.*?)(?=^## |\Z)", REFERENCE.read_text(), re.MULTILINE | re.DOTALL)
+    assert match, name
+    return match.group("body")
+
+
+def test_every_option_the_oidc_validator_and_the_vault_signer_accept_is_documented() -> None:
+    """Plugin options are not attrs fields: read them from what each plugin accepts."""
+    accepted = {
+        "validator": kubernetes_oidc._TOP_KEYS | kubernetes_oidc._ISSUER_KEYS,
+        "signer": vault_transit._OPTIONS - {"type"},
+    }
+    for section, keys in accepted.items():
+        text = section_text(section)
+        assert not {key for key in keys if not re.search(rf"\b{key}\b", text)}, section
