@@ -32,8 +32,8 @@ from typing import Any, Optional
 import attrs
 import yaml
 
-from jwtlet import devissuer
-from jwtlet.config import DEV_CLIENT_AUDIENCE, dev_defaults
+from jwtlet.config.schema import DEV_CLIENT_AUDIENCE, dev_defaults
+from jwtlet.daemon import dev as devissuer
 from jwtlet.testing.process import DaemonProcess, free_port
 
 HERE = Path(__file__).resolve().parent

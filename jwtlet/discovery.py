@@ -19,7 +19,7 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 import jwtlet.plugins
-from jwtlet.config import KnownPlugins, PluginSection
+from jwtlet.config.schema import KnownPlugins, PluginSection
 from jwtlet.interfaces import (
     IMappingStore,
     IMappingStoreFactory,

@@ -16,7 +16,7 @@ import attrs
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    from jwtlet.config import Config
+    from jwtlet.config.schema import Config
 
 
 # -- errors -----------------------------------------------------------------

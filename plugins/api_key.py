@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from jwtlet.apikey_exchange import ApiKeyVerifier, InvalidKey
+from jwtlet.exchange.apikeys import ApiKeyVerifier, InvalidKey
 from jwtlet.interfaces import IValidator, IValidatorFactory, PluginConfigError, PluginContext, TokenRejected
 from jwtlet.model import Identity
 

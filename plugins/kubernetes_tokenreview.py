@@ -21,8 +21,6 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from jwtlet import k8s_identity
-from jwtlet.httpclient import build_http_client, post_json
 from jwtlet.interfaces import (
     DependencyUnavailable,
     IReadiness,
@@ -32,8 +30,9 @@ from jwtlet.interfaces import (
     PluginContext,
     TokenRejected,
 )
+from jwtlet.kubernetes import identity as k8s_identity
 from jwtlet.model import Identity
-from jwtlet.tokenfile import TokenFile
+from jwtlet.outbound import TokenFile, build_http_client, post_json
 
 log = Logger(namespace="jwtlet.validator.tokenreview")
 

@@ -31,8 +31,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from jwtlet.config import https_url
-from jwtlet.httpclient import build_http_client, close_http_client
+from jwtlet.config.schema import https_url
 from jwtlet.interfaces import (
     DependencyUnavailable,
     IReadiness,
@@ -41,7 +40,7 @@ from jwtlet.interfaces import (
     PluginConfigError,
     PluginContext,
 )
-from jwtlet.tokenfile import TokenFile
+from jwtlet.outbound import TokenFile, build_http_client, close_http_client
 
 log = Logger(namespace="jwtlet.signer.vault")
 

@@ -12,16 +12,18 @@ import attrs
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from jwtlet import config as configuration
-from jwtlet import exchange, keys, management
-from jwtlet.daemon import Providers, build_apis
+from jwtlet import keys
+from jwtlet.config import schema as configuration
+from jwtlet.daemon.wiring import Providers, build_apis
 from jwtlet.discovery import build, discover
-from jwtlet.exchange import TokenExchangeAPI
 from jwtlet.interfaces import PluginContext
-from jwtlet.management import ManagementAPI
 from jwtlet.metrics import Metrics
 from jwtlet.testing.fakes import StaticValidator, service_account
-from jwtlet.web import BodyLimits, DrainingSite
+from jwtlet.web import management_api as management
+from jwtlet.web import token_api as exchange
+from jwtlet.web.common import BodyLimits, DrainingSite
+from jwtlet.web.management_api import ManagementAPI
+from jwtlet.web.token_api import TokenExchangeAPI
 
 CLIENT_AUDIENCE = "https://kubernetes.test"
 ADMIN = service_account("platform", "admin")

@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator
 
 from twisted.internet import reactor
 
-from jwtlet.httpclient import build_http_client, close_http_client
+from jwtlet.outbound import build_http_client, close_http_client
 from jwtlet.testing.kubernetes import FakeKubernetes
 from jwtlet.testing.loopback import LoopbackServer, serve
 

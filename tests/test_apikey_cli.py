@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from jwtlet import apikeys
+from jwtlet.apikeys import keys as apikeys
 from jwtlet.testing.process import bin_path
 
 

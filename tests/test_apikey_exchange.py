@@ -11,7 +11,8 @@ import pytest
 from apps import Apps, Reply, call, make_apps
 from twisted.internet.defer import fail
 
-from jwtlet import apikeys, policy
+from jwtlet import policy
+from jwtlet.apikeys import keys as apikeys
 from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.model import ApiKeyRecord, Integration
 from jwtlet.plugins.api_key import api_key as api_key_factory

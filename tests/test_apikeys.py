@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from jwtlet import apikeys
+from jwtlet.apikeys import keys as apikeys
 
 SECRET = "s" * 43
 

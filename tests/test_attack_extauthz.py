@@ -30,15 +30,15 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 
-from jwtlet import config as configuration
+from jwtlet.config import schema as configuration
 from jwtlet.discovery import discover
-from jwtlet.extauthz import ExtAuthz, ExtAuthzParts, build_ext_authz
-from jwtlet.extauthz_grpc import GrpcService
-from jwtlet.extauthz_http import ExtAuthzHTTP
-from jwtlet.httpclient import close_http_client
+from jwtlet.extauthz.decide import ExtAuthz, ExtAuthzParts, build_ext_authz
+from jwtlet.extauthz.grpc_server import GrpcService
+from jwtlet.extauthz.http_front import ExtAuthzHTTP
 from jwtlet.interfaces import PluginContext
 from jwtlet.logs import to_json
 from jwtlet.metrics import Metrics
+from jwtlet.outbound import close_http_client
 from jwtlet.testing.envoy import EnvoyOutcome, check_request, http_check
 from jwtlet.testing.kubernetes import FakeKubernetes
 from jwtlet.testing.loopback import serve

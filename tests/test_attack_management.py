@@ -22,9 +22,9 @@ from twisted.python.failure import Failure
 
 from jwtlet import policy
 from jwtlet.interfaces import DependencyUnavailable, TokenRejected
-from jwtlet.management import MAX_REJECTED, REJECTED_TTL_SECS, RejectionCache
 from jwtlet.model import Identity, ResourceMapping
 from jwtlet.testing.fakes import StaticValidator
+from jwtlet.web.management_api import MAX_REJECTED, REJECTED_TTL_SECS, RejectionCache
 
 URL = "http://jwtlet.test"
 SCOPE = {"scope": "smuggled", "claims": {"role": "admin"}}

@@ -21,8 +21,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from vault_fixtures import ROOT, RunningVault, build_signer
 
-from jwtlet.httpclient import OutboundHTTPClient, build_http_client, close_http_client
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError
+from jwtlet.outbound import OutboundHTTPClient, build_http_client, close_http_client
 from jwtlet.plugins.vault_transit import VaultMisconfigured, vault_transit
 from jwtlet.testing.loopback import LoopbackServer, serve
 from jwtlet.testing.vault import FakeVault

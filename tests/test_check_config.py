@@ -13,8 +13,10 @@ import pytest
 import yaml
 from twisted.internet.testing import MemoryReactorClock
 
-from jwtlet import cli, daemon, keys
-from jwtlet.config import ConfigError
+from jwtlet import keys
+from jwtlet.cli import main as cli
+from jwtlet.config.schema import ConfigError
+from jwtlet.daemon import wiring as daemon
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 

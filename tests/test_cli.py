@@ -9,8 +9,9 @@ from pathlib import Path
 import jwt as pyjwt
 import pytest
 
-from jwtlet import cli, keys
-from jwtlet.config import DEV_ISSUER, DEV_ISSUER_JWKS
+from jwtlet import keys
+from jwtlet.cli import main as cli
+from jwtlet.config.schema import DEV_ISSUER, DEV_ISSUER_JWKS
 
 
 def test_check_config_lists_every_problem_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from jwtlet import config
-from jwtlet.config import ConfigError, KnownPlugins
+from jwtlet.config import schema as config
+from jwtlet.config.schema import ConfigError, KnownPlugins
 
 MINIMAL = {
     "issuer": "https://jwtlet.example.com",

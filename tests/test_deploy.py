@@ -20,12 +20,12 @@ import yaml
 from psycopg.conninfo import conninfo_to_dict
 from twisted.internet.testing import MemoryReactorClock
 
-from jwtlet import config
-from jwtlet.config import Config
-from jwtlet.daemon import load_checked, make_service
+from jwtlet.config import schema as config
+from jwtlet.config.schema import Config
+from jwtlet.daemon.wiring import load_checked, make_service
 from jwtlet.discovery import discover
-from jwtlet.exchange import TokenExchangeAPI
-from jwtlet.extauthz_grpc import grpc_address
+from jwtlet.extauthz.grpc_server import grpc_address
+from jwtlet.web.token_api import TokenExchangeAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

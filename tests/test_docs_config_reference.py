@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from jwtlet import config
+from jwtlet.config import schema as config
 from jwtlet.plugins import kubernetes_oidc, vault_transit
 
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"

@@ -23,8 +23,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from vault_fixtures import ROOT, RunningVault, running_vault
 
-from jwtlet import devissuer
-from jwtlet.config import dev_defaults
+from jwtlet.config.schema import dev_defaults
+from jwtlet.daemon import dev as devissuer
 from jwtlet.testing.process import DaemonProcess
 
 pytestmark = pytest.mark.slow

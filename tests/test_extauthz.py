@@ -20,18 +20,17 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
-from jwtlet.extauthz import ExtAuthz, JwtExchange, TokenRequestExchange
-from jwtlet.extauthz_grpc import GrpcService, grpc_address
-from jwtlet.extauthz_http import ExtAuthzHTTP
-from jwtlet.httpclient import build_http_client, close_http_client
+from jwtlet.extauthz.decide import ExtAuthz, JwtExchange, TokenRequestExchange
+from jwtlet.extauthz.grpc_server import GrpcService, grpc_address
+from jwtlet.extauthz.http_front import ExtAuthzHTTP
 from jwtlet.interfaces import PluginConfigError
+from jwtlet.kubernetes.tokenrequest import TokenRequestClient
 from jwtlet.metrics import Metrics
 from jwtlet.model import Identity
+from jwtlet.outbound import TokenFile, build_http_client, close_http_client
 from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
 from jwtlet.testing.envoy import check_request, http_check
 from jwtlet.testing.loopback import serve
-from jwtlet.tokenfile import TokenFile
-from jwtlet.tokenrequest import TokenRequestClient
 
 AUDIENCE = "https://workload-cluster"
 

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
-from jwtlet.httpclient import OutboundHTTPClient, build_http_client, carries_credential, close_http_client
+from jwtlet.outbound import OutboundHTTPClient, build_http_client, carries_credential, close_http_client
 
 DISCOVERY = b'{"issuer": "https://kubernetes.default.svc", "jwks_uri": "/openid/v1/jwks"}'
 

@@ -18,9 +18,9 @@ from apps import Apps, call, make_apps
 from openapi_spec_validator import validate
 
 from jwtlet import policy
-from jwtlet.exchange import TokenExchangeAPI
-from jwtlet.management import ManagementAPI
 from jwtlet.model import ResourceMapping, ScopeMapping
+from jwtlet.web.management_api import ManagementAPI
+from jwtlet.web.token_api import TokenExchangeAPI
 
 OPENAPI = Path(__file__).resolve().parent.parent / "openapi"
 URL = "http://jwtlet.test"

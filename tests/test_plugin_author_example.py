@@ -17,8 +17,8 @@ import pytest_twisted
 import yaml
 
 import jwtlet.plugins
-from jwtlet.cli import command_plugins, parser
-from jwtlet.daemon import load_checked, signer_section
+from jwtlet.cli.main import command_plugins, parser
+from jwtlet.daemon.wiring import load_checked, signer_section
 from jwtlet.discovery import build
 from jwtlet.interfaces import PluginConfigError, PluginContext
 from jwtlet.testing.signer_conformance import assert_signer_conforms

@@ -19,7 +19,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from jwtlet.interfaces import DependencyUnavailable, IReadiness
-from jwtlet.web import READY_CHECK_TIMEOUT_SECS, Readiness, within
+from jwtlet.web.common import READY_CHECK_TIMEOUT_SECS, Readiness, within
 
 URL = "http://jwtlet.test"
 SECRET_URL = "postgresql://jwtlet:hunter2@db.internal:5432/jwtlet"

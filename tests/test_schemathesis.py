@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from jwtlet import devissuer
+from jwtlet.daemon import dev as devissuer
 from jwtlet.testing.process import DaemonProcess, bin_path
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ from jwcrypto.jwk import JWK
 from twisted.internet.task import Clock
 from vault_fixtures import ROOT, RunningVault, build_signer, running_vault, signer_context
 
-from jwtlet.httpclient import close_http_client
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError
+from jwtlet.outbound import close_http_client
 from jwtlet.plugins.vault_transit import (
     KeyVersion,
     VaultMisconfigured,

@@ -16,11 +16,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin
 
+import jwtlet.daemon.tap
 import jwtlet.plugins
-import jwtlet.tap
-from jwtlet import config as configuration
-from jwtlet import daemon, keys
-from jwtlet.config import ConfigError
+from jwtlet import keys
+from jwtlet.config import schema as configuration
+from jwtlet.config.schema import ConfigError
+from jwtlet.daemon import wiring as daemon
 from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.plugins.memory_store import MemoryStore
 
@@ -88,8 +89,8 @@ def test_the_dropin_points_at_jwtlet_tap() -> None:
     assert IPlugin.providedBy(service_maker)
     assert IServiceMaker.providedBy(service_maker)
     assert service_maker.tapname == "jwtlet"
-    assert service_maker.options is jwtlet.tap.Options
-    assert service_maker.makeService is jwtlet.tap.makeService
+    assert service_maker.options is jwtlet.daemon.tap.Options
+    assert service_maker.makeService is jwtlet.daemon.tap.makeService
 
 
 def test_make_service_opens_both_ports_and_starts_providers(tmp_path: Path, plugin_dir: Path) -> None:
@@ -131,7 +132,7 @@ def test_bad_endpoint_descriptions_are_config_errors(tmp_path: Path, plugin_dir:
 def test_options_exit_1_with_every_problem_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("token_exchange_port: 0\nsigner: {type: nope}\n")
-    options = jwtlet.tap.Options()
+    options = jwtlet.daemon.tap.Options()
     with pytest.raises(SystemExit) as raised:
         options.parseOptions(["--config", str(bad)])
     assert raised.value.code == 1
@@ -169,7 +170,7 @@ def test_sequential_stop_order() -> None:
 
 
 def test_drain_waits_for_in_flight_requests_with_a_bound() -> None:
-    from jwtlet.web import DrainingSite
+    from jwtlet.web.common import DrainingSite
 
     reactor = MemoryReactorClock()
     site = DrainingSite(None)

@@ -11,8 +11,8 @@ import pytest_twisted
 from k8s_fixtures import CLIENT_AUDIENCE, Cluster, plugin_context
 from twisted.internet.task import Clock
 
-from jwtlet.httpclient import close_http_client
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, TokenRejected
+from jwtlet.outbound import close_http_client
 from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
 
 

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from jwtlet.web import LINGER_SECS, REQUEST_DEADLINE_SECS, BodyLimits, DrainingSite
+from jwtlet.web.common import LINGER_SECS, REQUEST_DEADLINE_SECS, BodyLimits, DrainingSite
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 LIMITS = BodyLimits(1024, {b"/none/": 0})

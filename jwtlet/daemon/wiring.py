@@ -20,24 +20,26 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 
-from jwtlet import config as configuration
-from jwtlet import devissuer, exchange, management
 from jwtlet._async import as_deferred
-from jwtlet.apikey_exchange import ApiKeyExchange, ApiKeyVerifier
-from jwtlet.config import Config, ConfigError, is_loopback_host
+from jwtlet.config import schema as configuration
+from jwtlet.config.schema import Config, ConfigError, is_loopback_host
+from jwtlet.daemon import dev as devissuer
 from jwtlet.discovery import Discovered, build, discover
-from jwtlet.exchange import TokenExchangeAPI
-from jwtlet.extauthz import build_ext_authz, build_ext_authz_validator
-from jwtlet.httpclient import build_http_client, close_http_client
+from jwtlet.exchange.apikeys import ApiKeyExchange, ApiKeyVerifier
+from jwtlet.exchange.pipeline import Signing, TokenIssuer
+from jwtlet.extauthz.decide import build_ext_authz, build_ext_authz_validator
 from jwtlet.interfaces import Conflict, PluginConfigError, PluginContext
-from jwtlet.issuer import Signing, TokenIssuer
 from jwtlet.logs import emit
-from jwtlet.management import ManagementAPI
 from jwtlet.metrics import Metrics
 from jwtlet.model import ResourceMapping, ScopeMapping
+from jwtlet.outbound import build_http_client, close_http_client
 from jwtlet.policy import IssueParameters, reserved_claims
 from jwtlet.ratelimit import RateLimiter
-from jwtlet.web import BodyLimits, DrainingSite, Readiness
+from jwtlet.web import management_api as management
+from jwtlet.web import token_api as exchange
+from jwtlet.web.common import BodyLimits, DrainingSite, Readiness
+from jwtlet.web.management_api import ManagementAPI
+from jwtlet.web.token_api import TokenExchangeAPI
 
 log = Logger(namespace="jwtlet.daemon")
 
@@ -84,7 +86,7 @@ def check_endpoints(config: Config, reactor: Any) -> list[str]:
             problems.append(f"{key}: --dev listens on loopback only")
     grpc_endpoint = config.ext_authz.grpc_endpoint if config.ext_authz is not None else None
     if grpc_endpoint is not None:
-        from jwtlet.extauthz_grpc import grpc_address  # grpcio is loaded only when the gRPC front is on
+        from jwtlet.extauthz.grpc_server import grpc_address  # grpcio is loaded only when the gRPC front is on
 
         try:
             host = grpc_address(grpc_endpoint).rpartition(":")[0]

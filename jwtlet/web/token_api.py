@@ -17,11 +17,11 @@ from werkzeug.exceptions import NotFound
 
 from jwtlet import policy
 from jwtlet._async import as_deferred
-from jwtlet.apikey_exchange import ApiKeyExchange, InvalidKey, UnknownProfile
+from jwtlet.exchange.apikeys import ApiKeyExchange, InvalidKey, UnknownProfile
+from jwtlet.exchange.pipeline import TokenIssuer
 from jwtlet.interfaces import DependencyUnavailable
-from jwtlet.issuer import TokenIssuer
 from jwtlet.policy import ExchangeError
-from jwtlet.web import (
+from jwtlet.web.common import (
     NO_STORE,
     APIError,
     BodyLimits,

@@ -13,9 +13,9 @@ import attrs
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from jwtlet.extauthz import ExtAuthz
+from jwtlet.extauthz.decide import ExtAuthz
 from jwtlet.interfaces import DependencyUnavailable
-from jwtlet.web import json_response, unavailable_headers
+from jwtlet.web.common import json_response, unavailable_headers
 
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"]
 

@@ -1,15 +1,19 @@
 """
-Outbound HTTP clients: one persistent connection pool per peer, with TLS that
-trusts the system store plus an optional extra CA file; a request carrying a
-credential never follows a redirect.
+Everything jwtlet needs to call other services: HTTP clients with one
+persistent connection pool per peer, TLS that trusts the system store plus an
+optional extra CA file, no redirect for a request carrying a credential; and
+the bearer tokens those requests carry, read from files that something else
+rotates.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
+import attrs
 from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -18,7 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS
 
 from jwtlet.interfaces import DependencyUnavailable
-from jwtlet.k8s_identity import strict_json
+from jwtlet.kubernetes.identity import strict_json
 
 
 def tls_policy(ca_file: Optional[str]) -> IPolicyForHTTPS:
@@ -142,3 +146,40 @@ async def post_json(
         return response.code, strict_json(content)
     except ValueError:
         return response.code, None
+
+
+# -- bearer tokens kept in files -------------------------------------------------
+
+
+@attrs.define
+class TokenFile:
+    """
+    Reads a token file and re-reads it when its modification time, size or
+    inode changes, or when a caller says the current token was refused.
+    Reading is a ``stat`` per use, so a rotated file is picked up at once.
+    """
+
+    path: Path = attrs.field(converter=Path)
+    _token: Optional[str] = attrs.field(default=None, init=False)
+    _signature: Optional[tuple[int, int, int]] = attrs.field(default=None, init=False)
+
+    def read(self) -> str:
+        """
+        The current token.  Raises ``OSError`` when the file cannot be read
+        and ``ValueError`` when it is empty.
+        """
+        stat = os.stat(self.path)
+        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if self._token is None or signature != self._signature:
+            token = self.path.read_text(encoding="utf-8").strip()
+            if not token:
+                raise ValueError(f"{self.path} is empty")
+            self._token = token
+            self._signature = signature
+        return self._token
+
+    def refused(self) -> str:
+        """The token was refused: forget it and read the file again."""
+        self._token = None
+        self._signature = None
+        return self.read()

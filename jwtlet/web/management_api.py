@@ -22,13 +22,14 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
-from jwtlet import apikeys, resources
 from jwtlet._async import as_deferred
+from jwtlet.apikeys import keys as apikeys
 from jwtlet.interfaces import Conflict, DependencyUnavailable, NotFound, TokenRejected
 from jwtlet.logs import emit
 from jwtlet.metrics import CONTENT_TYPE, Metrics
 from jwtlet.model import ApiKeyRecord, Identity, Integration
-from jwtlet.web import (
+from jwtlet.web import codecs as resources
+from jwtlet.web.common import (
     APIError,
     Readiness,
     add_error_handlers,

@@ -26,7 +26,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
-from jwtlet.extauthz import Decision, ExtAuthz, failed
+from jwtlet.extauthz.decide import Decision, ExtAuthz, failed
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError
 
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"

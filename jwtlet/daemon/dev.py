@@ -17,7 +17,7 @@ from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
 
 from jwtlet import keys
-from jwtlet.config import DEV_CLIENT_AUDIENCE, DEV_ISSUER, DEV_ISSUER_JWKS, DEV_ISSUER_KEY
+from jwtlet.config.schema import DEV_CLIENT_AUDIENCE, DEV_ISSUER, DEV_ISSUER_JWKS, DEV_ISSUER_KEY
 
 ALGORITHM = "ES256"
 

@@ -17,18 +17,17 @@ import attrs
 from twisted.logger import Logger, LogLevel
 
 from jwtlet._async import as_deferred
-from jwtlet.config import Config, ExtAuthzConfig
+from jwtlet.config.schema import Config, ExtAuthzConfig
 from jwtlet.discovery import Discovered, build
-from jwtlet.httpclient import build_http_client
+from jwtlet.exchange.pipeline import TokenIssuer
 from jwtlet.interfaces import DependencyUnavailable, PluginContext, TokenRejected
-from jwtlet.issuer import TokenIssuer
+from jwtlet.kubernetes.tokenrequest import Denied, TokenRequestClient
 from jwtlet.logs import emit
-from jwtlet.management import bearer_token
 from jwtlet.metrics import Metrics
 from jwtlet.model import Identity
+from jwtlet.outbound import TokenFile, build_http_client
 from jwtlet.policy import ExchangeError, TokenRequest
-from jwtlet.tokenfile import TokenFile
-from jwtlet.tokenrequest import Denied, TokenRequestClient
+from jwtlet.web.management_api import bearer_token
 
 log = Logger(namespace="jwtlet.ext_authz")
 
@@ -166,8 +165,8 @@ def build_ext_authz_validator(settings: ExtAuthzConfig, discovered: Discovered, 
 def build_ext_authz(
     config: Config, discovered: Discovered, context: PluginContext, issuer: TokenIssuer, metrics: Metrics
 ) -> ExtAuthzParts:
-    from jwtlet.extauthz_grpc import GrpcService
-    from jwtlet.extauthz_http import ExtAuthzHTTP
+    from jwtlet.extauthz.grpc_server import GrpcService
+    from jwtlet.extauthz.http_front import ExtAuthzHTTP
 
     settings = config.ext_authz
     assert settings is not None

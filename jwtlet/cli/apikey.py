@@ -14,15 +14,15 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
 
-from jwtlet import apikeys
 from jwtlet._async import as_deferred
-from jwtlet.config import Config, ConfigError
+from jwtlet.apikeys import keys as apikeys
+from jwtlet.config.schema import Config, ConfigError
 from jwtlet.interfaces import Conflict, DependencyUnavailable, NotFound, PluginConfigError, PluginContext
 from jwtlet.model import ApiKeyRecord, Integration
 
 
 def _with_store(args: argparse.Namespace, work: Callable[[Any, Config], Coroutine[Any, Any, int]]) -> int:
-    from jwtlet.daemon import load_checked
+    from jwtlet.daemon.wiring import load_checked
     from jwtlet.discovery import build
 
     try:

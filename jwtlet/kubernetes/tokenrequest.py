@@ -14,9 +14,8 @@ from typing import Any, Optional
 import attrs
 from twisted.logger import Logger
 
-from jwtlet.httpclient import post_json
 from jwtlet.interfaces import DependencyUnavailable
-from jwtlet.tokenfile import TokenFile
+from jwtlet.outbound import TokenFile, post_json
 
 log = Logger(namespace="jwtlet.tokenrequest")
 

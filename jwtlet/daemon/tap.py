@@ -15,7 +15,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from jwtlet import logs
-from jwtlet.config import ConfigError
+from jwtlet.config.schema import ConfigError
 
 
 def fail(problems: list[str]) -> NoReturn:
@@ -36,7 +36,7 @@ class Options(usage.Options):
     optFlags = [["dev", None, "run on the embedded development defaults (loopback only)"]]
 
     def postOptions(self) -> None:
-        from jwtlet.daemon import load_checked
+        from jwtlet.daemon.wiring import load_checked
 
         parent: Any = getattr(self, "parent", None)
         if parent is not None and parent.get("logger") is None:
@@ -55,7 +55,7 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from jwtlet.daemon import make_service
+    from jwtlet.daemon.wiring import make_service
 
     try:
         return make_service(options.config, options.discovered, reactor)

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from jwtlet.config import is_loopback_host
+from jwtlet.config.schema import is_loopback_host
 from jwtlet.interfaces import TokenRejected
 
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"

@@ -12,11 +12,11 @@ from typing import Any, Callable, Optional
 import attrs
 from twisted.logger import Logger, LogLevel
 
-from jwtlet import apikeys
 from jwtlet._async import as_deferred
-from jwtlet.config import ApiKeyProfile, ApiKeysConfig
+from jwtlet.apikeys import keys as apikeys
+from jwtlet.config.schema import ApiKeyProfile, ApiKeysConfig
+from jwtlet.exchange.pipeline import Signing, new_token_id
 from jwtlet.interfaces import NotFound
-from jwtlet.issuer import Signing, new_token_id
 from jwtlet.logs import emit
 from jwtlet.metrics import Metrics
 from jwtlet.model import ApiKeyRecord

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO
 
-from jwtlet import apikey_cli, keys, mint
-from jwtlet.config import DEFAULT_DATA_DIR, ConfigError
+from jwtlet import keys, mint
+from jwtlet.cli import apikey as apikey_cli
+from jwtlet.config.schema import DEFAULT_DATA_DIR, ConfigError
 
 
 def run_twistd(arguments: Sequence[str]) -> int:
@@ -49,7 +50,7 @@ def command_dev(args: argparse.Namespace, out: TextIO) -> int:
 
 def command_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """The checks the daemon runs at start, plugins' own options included; nothing is created."""
-    from jwtlet.daemon import find_problems, load_checked
+    from jwtlet.daemon.wiring import find_problems, load_checked
 
     try:
         config, discovered = load_checked(args.config, os.environ, dev=args.dev, data_dir=args.data_dir)
@@ -64,7 +65,7 @@ def command_check_config(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def command_plugins(args: argparse.Namespace, out: TextIO) -> int:
-    from jwtlet import config
+    from jwtlet.config import schema as config
     from jwtlet.discovery import discover
 
     plugin_dirs: list[str] = []
@@ -85,7 +86,7 @@ def command_plugins(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def command_dev_token(args: argparse.Namespace, out: TextIO) -> int:
-    from jwtlet import devissuer
+    from jwtlet.daemon import dev as devissuer
 
     namespace, _, name = args.account.partition(":")
     if not namespace or not name or ":" in name:
@@ -119,7 +120,7 @@ def _positive_int(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from jwtlet.config import DEV_CLIENT_AUDIENCE
+    from jwtlet.config.schema import DEV_CLIENT_AUDIENCE
 
     top = argparse.ArgumentParser(prog="jwtlet", description="OAuth 2.0 token exchange daemon")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from jwtlet._async import as_deferred
-from jwtlet.config import LimitsConfig
+from jwtlet.config.schema import LimitsConfig
 from jwtlet.interfaces import DependencyUnavailable, IReadiness
 
 log = Logger(namespace="jwtlet.web")

@@ -1,0 +1,1 @@
+"""API keys: their format, and checking a presented key against the store."""

@@ -1,0 +1,1 @@
+"""The ``jwtlet`` command and its subcommands."""

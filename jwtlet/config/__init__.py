@@ -1,0 +1,1 @@
+"""The configuration: sources (YAML, TOML, environment, --dev defaults), the section reader, the schema."""

@@ -1,0 +1,1 @@
+"""Kubernetes: service-account identities and the TokenRequest client."""
