@@ -17,6 +17,7 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from jwtlet.config.schema import Config
+    from jwtlet.metrics import Metrics
 
 
 # -- errors -----------------------------------------------------------------
@@ -76,6 +77,8 @@ class PluginContext:
     :ivar store: the configured mapping store, for providers that need one
         (the ``api-key`` validator); ``None`` while stores are being built.
     :ivar random_bytes: source of randomness, ``os.urandom`` by default.
+    :ivar metrics: the daemon's Prometheus metrics, for providers that count
+        what they do (JWKS refreshes); ``None`` outside the daemon.
     :ivar check_only: ``jwtlet check-config`` is building providers only to
         check their options: a factory must report every problem it would
         report at start, but create nothing (no key files, no databases).
@@ -89,6 +92,7 @@ class PluginContext:
     store: Optional[Any] = None
     random_bytes: Any = None
     check_only: bool = False
+    metrics: Optional[Metrics] = None
 
 
 # -- providers --------------------------------------------------------------
