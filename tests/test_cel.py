@@ -25,7 +25,7 @@ SUBJECT = {"username": "system:serviceaccount:team-a:api", "namespace": "team-a"
 
 def activation() -> dict[str, object]:
     return {"subject": SUBJECT, "request": {"resource": "payments", "scopes": ["read"], "audiences": []},
-            "now": datetime.datetime(2026, 11, 29, tzinfo=datetime.timezone.utc)}
+            "now": datetime.datetime(2026, 11, 29, tzinfo=datetime.UTC)}
 
 
 def test_a_compiled_expression_evaluates_against_the_declared_variables() -> None:
