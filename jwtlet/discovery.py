@@ -1,15 +1,18 @@
 """
 Finding plugin factories with ``twisted.plugin`` over ``jwtlet.plugins``
 (which spans every installed distribution's ``jwtlet/plugins`` and the
-config's ``plugin_dirs``) and building the providers the config names.
+config's ``plugin_dirs``), building the providers the config names, and
+adapting each once (:mod:`jwtlet.providers`) so the core awaits typed methods.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterator, Literal, Mapping, Sequence, overload
 
 import attrs
 from twisted.plugin import getPlugins
@@ -19,10 +22,11 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 import jwtlet.plugins
-from jwtlet.config.schema import KnownPlugins, PluginSection
+from jwtlet.config import KnownPlugins, PluginSection
 from jwtlet.interfaces import (
     IMappingStore,
     IMappingStoreFactory,
+    IProviderFactory,
     ISigner,
     ISignerFactory,
     IValidator,
@@ -30,6 +34,7 @@ from jwtlet.interfaces import (
     PluginConfigError,
     PluginContext,
 )
+from jwtlet.providers import Adapted, Signer, Store, Validator, adapt
 
 KINDS: Mapping[str, tuple[type[Interface], type[Interface]]] = {
     "validator": (IValidatorFactory, IValidator),
@@ -44,7 +49,7 @@ class Found:
     name: str
     module: str
     description: str
-    factory: Any
+    factory: IProviderFactory
 
 
 @attrs.frozen
@@ -52,7 +57,7 @@ class Discovered:
     plugins: tuple[Found, ...]
     failures: Mapping[str, str]
 
-    def factory(self, kind: str, name: str) -> Any:
+    def factory(self, kind: str, name: str) -> IProviderFactory:
         for found in self.plugins:
             if found.kind == kind and found.name == name:
                 return found.factory
@@ -68,13 +73,36 @@ class Discovered:
         )
 
 
-def add_plugin_dirs(directories: Iterable[str]) -> None:
-    """Make ``plugin_dirs`` part of the ``jwtlet.plugins`` package path."""
+@contextmanager
+def _searching(directories: Sequence[str]) -> Iterator[None]:
+    """
+    Make ``directories`` part of the ``jwtlet.plugins`` package path only
+    while one discovery runs, so that two configs in one process never see
+    each other's plugins.
+
+    Why not a private package object: ``getPlugins`` finds the package's
+    modules through ``getModule(package.__name__)``, that is through
+    ``sys.modules``, and imports them by their dotted name, so the search
+    must go through the real package.  Discovery runs synchronously in one
+    thread, and afterwards the path is what it was and the modules imported
+    from ``directories`` are forgotten (a factory already found keeps its
+    module alive), so a later discovery imports a directory's module afresh
+    and never another directory's module of the same name.
+    """
     path: list[str] = jwtlet.plugins.__path__  # type: ignore[assignment]
-    for directory in directories:
-        absolute = str(Path(directory).resolve())
-        if absolute not in path:
-            path.append(absolute)
+    saved = list(path)
+    added = [str(Path(directory).resolve()) for directory in directories]
+    path.extend(directory for directory in added if directory not in saved)
+    try:
+        yield
+    finally:
+        path[:] = saved
+        for name, module in list(sys.modules.items()):
+            origin = getattr(module, "__file__", None) or ""
+            if name.startswith(f"{jwtlet.plugins.__name__}.") and any(
+                origin.startswith(directory + "/") for directory in added if directory not in saved
+            ):
+                del sys.modules[name]
 
 
 def _import_failures() -> dict[str, str]:
@@ -93,31 +121,46 @@ def _import_failures() -> dict[str, str]:
 
 
 def discover(plugin_dirs: Sequence[str] = ()) -> Discovered:
-    add_plugin_dirs(plugin_dirs)
-    failures = _import_failures()
     plugins = []
-    for kind, (factory_interface, _) in KINDS.items():
-        factory: Any
-        for factory in getPlugins(factory_interface, jwtlet.plugins):
-            plugins.append(
-                Found(
-                    kind=kind,
-                    name=str(factory.name),
-                    module=type(factory).__module__,
-                    description=str(getattr(factory, "description", "")),
-                    factory=factory,
+    with _searching(plugin_dirs):
+        failures = _import_failures()
+        for kind, (factory_interface, _) in KINDS.items():
+            for factory in getPlugins(factory_interface, jwtlet.plugins):
+                found: IProviderFactory = factory  # type: ignore[assignment]
+                plugins.append(
+                    Found(
+                        kind=kind,
+                        name=str(found.name),
+                        module=type(found).__module__,
+                        description=str(getattr(found, "description", "")),
+                        factory=found,
+                    )
                 )
-            )
     plugins.sort(key=lambda found: (found.kind, found.name))
     return Discovered(plugins=tuple(plugins), failures=failures)
 
 
+@overload
 def build(
-    discovered: Discovered, kind: str, section: PluginSection, context: PluginContext
-) -> Any:
+    discovered: Discovered, kind: Literal["validator"], section: PluginSection, context: PluginContext
+) -> Validator: ...
+@overload
+def build(
+    discovered: Discovered, kind: Literal["store"], section: PluginSection, context: PluginContext
+) -> Store: ...
+@overload
+def build(
+    discovered: Discovered, kind: Literal["signer"], section: PluginSection, context: PluginContext
+) -> Signer: ...
+@overload
+def build(discovered: Discovered, kind: str, section: PluginSection, context: PluginContext) -> Adapted: ...
+
+
+def build(discovered: Discovered, kind: str, section: PluginSection, context: PluginContext) -> Adapted:
     """
-    Build the provider ``section`` names; problems raise
-    :class:`PluginConfigError` with messages prefixed by the section's path.
+    Build the provider ``section`` names, adapted (:func:`jwtlet.providers.adapt`);
+    problems raise :class:`PluginConfigError` with messages prefixed by the
+    section's path.
     """
     factory = discovered.factory(kind, section.type)
     try:
@@ -132,4 +175,4 @@ def build(
             f"{section.section}.type: plugin '{section.type}' built an object that does not "
             f"provide {provided_interface.__name__}: {error}"
         ) from None
-    return provider
+    return adapt(kind, provider)

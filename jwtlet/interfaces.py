@@ -3,21 +3,34 @@ The three interfaces through which the core talks to validation, storage and
 signing, their factory interfaces, the optional interfaces a provider may
 also provide, and the error types every provider raises.
 
-Methods that may wait return a ``Deferred`` or are ``async def``; the core
-accepts either (see :func:`jwtlet._async.as_deferred`).
+Methods that may wait answer with an :data:`Answer`: a ``Deferred``, a
+coroutine (``async def``), another awaitable or a plain value.  The core never
+sees that variety: :func:`jwtlet.providers.adapt` wraps each provider once,
+where it is built, in an adapter whose methods return ``Deferred``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Mapping, Optional, Sequence, TypeVar, Union
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface
 
+from jwtlet.model import ApiKeyRecord, Identity, Integration, JSONObject, Resolution, ResourceMapping, ScopeMapping
+
 if TYPE_CHECKING:
+    from treq.client import HTTPClient
+
     from jwtlet.config.schema import Config
     from jwtlet.metrics import Metrics
+
+T = TypeVar("T")
+
+#: What a provider method may answer with: a ``Deferred``, a coroutine or any
+#: other awaitable firing with ``T``, or ``T`` itself.
+Answer = Union[Awaitable[T], T]
 
 
 # -- errors -----------------------------------------------------------------
@@ -69,14 +82,18 @@ class PluginContext:
     Everything a plugin may need when it is built; nothing else is reached for
     through globals.
 
-    :ivar reactor: the reactor the daemon runs on.
-    :ivar clock: an ``IReactorTime``: use it for every expiry and timeout.
-    :ivar http_client: a ``treq.client.HTTPClient`` with a persistent pool.
+    :ivar reactor: the reactor the daemon runs on.  Typed by the part every
+        provider uses: it also provides ``IReactorTCP``, ``IReactorThreads``
+        and the rest, but the test reactors (``MemoryReactorClock``) do not
+        all of them, so a provider that needs more says so where it uses it.
+    :ivar clock: use it for every expiry and timeout.
+    :ivar http_client: an HTTP client with a persistent pool; ``None`` where
+        the daemon makes no outbound calls (``jwtlet apikey``).
     :ivar config: the whole parsed :class:`jwtlet.config.Config`.
     :ivar data_dir: where the daemon keeps its files.
     :ivar store: the configured mapping store, for providers that need one
         (the ``api-key`` validator); ``None`` while stores are being built.
-    :ivar random_bytes: source of randomness, ``os.urandom`` by default.
+    :ivar random_bytes: source of randomness; ``None`` means ``os.urandom``.
     :ivar metrics: the daemon's Prometheus metrics, for providers that count
         what they do (JWKS refreshes); ``None`` outside the daemon.
     :ivar check_only: ``jwtlet check-config`` is building providers only to
@@ -84,13 +101,13 @@ class PluginContext:
         report at start, but create nothing (no key files, no databases).
     """
 
-    reactor: Any
-    clock: Any
-    http_client: Any
+    reactor: IReactorTime
+    clock: IReactorTime
+    http_client: Optional[HTTPClient]
     config: Config
     data_dir: Path
-    store: Optional[Any] = None
-    random_bytes: Any = None
+    store: Optional[IMappingStore] = None
+    random_bytes: Optional[Callable[[int], bytes]] = None
     check_only: bool = False
     metrics: Optional[Metrics] = None
 
@@ -101,7 +118,7 @@ class PluginContext:
 class IValidator(Interface):
     """Checks a presented credential and says whose it is."""
 
-    def validate(token: str, audience: Optional[str]) -> Any:
+    def validate(token: str, audience: Optional[str]) -> Answer[Identity]:
         """
         Validate ``token``; when ``audience`` is not ``None`` the credential
         must have been issued for it.
@@ -121,62 +138,62 @@ class IMappingStore(Interface):
     :class:`DependencyUnavailable`.
     """
 
-    def add_mapping(mapping: Any) -> Any:
+    def add_mapping(mapping: ResourceMapping) -> Answer[None]:
         """Store a new ResourceMapping; :class:`Conflict` if its pair exists."""
 
-    def get_mapping(client_identifier: str, participant_context: str) -> Any:
+    def get_mapping(client_identifier: str, participant_context: str) -> Answer[ResourceMapping]:
         """The ResourceMapping of that pair, or :class:`NotFound`."""
 
-    def list_mappings(client_identifier: Optional[str] = None) -> Any:
+    def list_mappings(client_identifier: Optional[str] = None) -> Answer[Sequence[ResourceMapping]]:
         """Every ResourceMapping (of one client, if given), sorted by key."""
 
-    def update_mapping(mapping: Any) -> Any:
+    def update_mapping(mapping: ResourceMapping) -> Answer[None]:
         """Replace an existing ResourceMapping; :class:`NotFound` if missing."""
 
-    def delete_mapping(client_identifier: str, participant_context: str) -> Any:
+    def delete_mapping(client_identifier: str, participant_context: str) -> Answer[bool]:
         """Delete one mapping; fires with ``True`` if it existed."""
 
-    def delete_client_mappings(client_identifier: str) -> Any:
+    def delete_client_mappings(client_identifier: str) -> Answer[int]:
         """Delete all mappings of one client; fires with how many went."""
 
-    def add_scope(scope: Any) -> Any:
+    def add_scope(scope: ScopeMapping) -> Answer[None]:
         """Store a new ScopeMapping; :class:`Conflict` if it exists."""
 
-    def get_scope(scope: str) -> Any:
+    def get_scope(scope: str) -> Answer[ScopeMapping]:
         """The ScopeMapping, or :class:`NotFound`."""
 
-    def list_scopes() -> Any:
+    def list_scopes() -> Answer[Sequence[ScopeMapping]]:
         """Every ScopeMapping, sorted by name."""
 
-    def update_scope(scope: Any) -> Any:
+    def update_scope(scope: ScopeMapping) -> Answer[None]:
         """Replace an existing ScopeMapping; :class:`NotFound` if missing."""
 
-    def delete_scope(scope: str) -> Any:
+    def delete_scope(scope: str) -> Answer[bool]:
         """Delete a scope mapping; fires with ``True`` if it existed."""
 
-    def resolve(client_identifier: str, participant_context: str, scopes: Any) -> Any:
+    def resolve(client_identifier: str, participant_context: str, scopes: Sequence[str]) -> Answer[Resolution]:
         """
         In one round trip: the mapping of the pair and the ScopeMappings of
         those of ``scopes`` that exist, as a :class:`jwtlet.model.Resolution`;
         :class:`NotFound` when there is no mapping.
         """
 
-    def add_integration(integration: Any) -> Any:
+    def add_integration(integration: Integration) -> Answer[None]:
         """Store a new Integration; :class:`Conflict` if it exists."""
 
-    def list_integrations() -> Any:
+    def list_integrations() -> Answer[Sequence[Integration]]:
         """Every Integration with its keys (digests only), sorted by id."""
 
-    def add_api_key(record: Any) -> Any:
+    def add_api_key(record: ApiKeyRecord) -> Answer[None]:
         """
         Store an ApiKeyRecord; :class:`NotFound` if its integration is
         missing, :class:`Conflict` if the key id is taken.
         """
 
-    def get_api_key(integration_id: str, key_id: str) -> Any:
+    def get_api_key(integration_id: str, key_id: str) -> Answer[ApiKeyRecord]:
         """The ApiKeyRecord, or :class:`NotFound`."""
 
-    def revoke_api_key(integration_id: str, key_id: str) -> Any:
+    def revoke_api_key(integration_id: str, key_id: str) -> Answer[bool]:
         """Mark a key revoked; fires with ``True`` if it existed."""
 
 
@@ -185,7 +202,7 @@ class ISigner(Interface):
 
     algorithm = Attribute("The JWS ``alg`` this signer produces, e.g. ``EdDSA``.")
 
-    def sign(header: dict[str, Any], claims: dict[str, Any]) -> Any:
+    def sign(header: JSONObject, claims: JSONObject) -> Answer[str]:
         """
         Sign ``claims`` as a compact JWS.  The signer sets ``alg`` and ``kid``
         in ``header`` (``kid`` names the key version that really signs).
@@ -193,7 +210,7 @@ class ISigner(Interface):
         :return: a ``Deferred`` (or coroutine) firing with ``str``.
         """
 
-    def public_jwks() -> Any:
+    def public_jwks() -> Answer[JSONObject]:
         """A ``Deferred`` (or coroutine) firing with the JWKS ``dict``."""
 
 
@@ -206,7 +223,7 @@ class IReadiness(Interface):
     ``/ready`` asks every provider that provides this.
     """
 
-    def check_ready() -> Any:
+    def check_ready() -> Answer[None]:
         """
         A ``Deferred`` (or coroutine) firing with ``None`` when ready, failing
         with :class:`DependencyUnavailable` when not.
@@ -219,28 +236,20 @@ class IReplayRecord(Interface):
     token expires, so replicas sharing a store refuse a replayed token.
     """
 
-    def record_token_id(issuer: str, token_id: str, expires_at: float) -> Any:
+    def record_token_id(issuer: str, token_id: str, expires_at: float) -> Answer[bool]:
         """Fires with ``True`` when first seen, ``False`` for a replay."""
-
-
-class IChangeNotifier(Interface):
-    """
-    Optional, for stores shared by several replicas: lets the core drop what it
-    cached when another replica changes something.
-    """
-
-    def subscribe(callback: Any) -> Any:
-        """Call ``callback()`` (no arguments) after any change anywhere."""
 
 
 # -- factories --------------------------------------------------------------
 
 
-class _IFactory(Interface):
+class IProviderFactory(Interface):
+    """What the three factory interfaces share."""
+
     name = Attribute("The string used as ``type`` in config.")
     description = Attribute("One line saying what the plugin does.")
 
-    def build(options: Any, context: PluginContext) -> Any:
+    def build(options: Mapping[str, object], context: PluginContext) -> object:
         """
         Build a configured provider from ``options`` (the config section minus
         ``type``).  Raise :class:`PluginConfigError` with one message per
@@ -249,13 +258,13 @@ class _IFactory(Interface):
         """
 
 
-class IValidatorFactory(_IFactory):
+class IValidatorFactory(IProviderFactory):
     """Builds an :class:`IValidator`."""
 
 
-class IMappingStoreFactory(_IFactory):
+class IMappingStoreFactory(IProviderFactory):
     """Builds an :class:`IMappingStore`."""
 
 
-class ISignerFactory(_IFactory):
+class ISignerFactory(IProviderFactory):
     """Builds an :class:`ISigner`."""

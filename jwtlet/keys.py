@@ -7,19 +7,19 @@ key signs with.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from jwcrypto.jwk import JWK
+
+from jwtlet.files import write_private
 
 ALGORITHMS = ("EdDSA", "ES256", "ES384", "RS256", "PS256")
 
 _CURVE_ALGORITHMS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "EdDSA"}
 
 
-class KeyError_(ValueError):
+class KeyFileError(ValueError):
     """A key file that cannot be used, with a message fit for config errors."""
 
 
@@ -34,28 +34,14 @@ def generate(algorithm: str) -> JWK:
     elif algorithm in ("RS256", "PS256"):
         key = JWK.generate(kty="RSA", size=2048)
     else:
-        raise KeyError_(f"unsupported algorithm {algorithm!r} (use one of {', '.join(ALGORITHMS)})")
+        raise KeyFileError(f"unsupported algorithm {algorithm!r} (use one of {', '.join(ALGORITHMS)})")
     key.update(kid=key.thumbprint(), alg=algorithm, use="sig")
     return key
 
 
 def write_new(path: Path, key: JWK) -> None:
-    """
-    Write a private JWK to ``path`` with mode 0600 through a temporary file in
-    the same directory; refuse to replace an existing file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(descriptor, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write(key.export_private())
-            stream.flush()
-            os.fsync(stream.fileno())
-        # link() fails if the target exists, unlike rename(): never overwrite.
-        os.link(temporary, path)
-    finally:
-        os.unlink(temporary)
+    """Write a private JWK to ``path`` (mode 0600, atomically); never replace an existing file."""
+    write_private(path, key.export_private().encode("utf-8"), exclusive=True)
 
 
 def load(path: Path) -> JWK:
@@ -63,18 +49,18 @@ def load(path: Path) -> JWK:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise KeyError_(f"{path}: cannot read: {error.strerror}") from None
+        raise KeyFileError(f"{path}: cannot read: {error.strerror}") from None
     try:
         if data.lstrip().startswith(b"{"):
             key = JWK.from_json(data.decode("utf-8"))
         else:
             key = JWK.from_pem(data)
     except Exception as error:  # jwcrypto raises several unrelated types
-        raise KeyError_(f"{path}: not a JWK or PEM private key ({type(error).__name__})") from None
+        raise KeyFileError(f"{path}: not a JWK or PEM private key ({type(error).__name__})") from None
     if not key.has_private:
-        raise KeyError_(f"{path}: holds a public key; a private key is needed to sign")
+        raise KeyFileError(f"{path}: holds a public key; a private key is needed to sign")
     if key.get("kty") == "oct":
-        raise KeyError_(f"{path}: symmetric keys cannot sign tokens others verify")
+        raise KeyFileError(f"{path}: symmetric keys cannot sign tokens others verify")
     if not key.get("kid"):
         key.update(kid=key.thumbprint())
     return key
@@ -89,14 +75,14 @@ def algorithm_for(key: JWK, preferred: Optional[str] = None) -> str:
     if kty in ("EC", "OKP"):
         curve = key.get("crv")
         if curve not in _CURVE_ALGORITHMS:
-            raise KeyError_(f"unsupported curve {curve!r}")
+            raise KeyFileError(f"unsupported curve {curve!r}")
         return _CURVE_ALGORITHMS[curve]
     if kty == "RSA":
         chosen = preferred or key.get("alg") or "RS256"
         if chosen not in ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"):
-            raise KeyError_(f"unsupported RSA algorithm {chosen!r}")
+            raise KeyFileError(f"unsupported RSA algorithm {chosen!r}")
         return str(chosen)
-    raise KeyError_(f"unsupported key type {kty!r}")
+    raise KeyFileError(f"unsupported key type {kty!r}")
 
 
 def public_jwk(key: JWK, algorithm: str) -> dict[str, str]:

@@ -4,10 +4,11 @@ the event's fields, twistd's own events included: a JSON object
 (``logging.format: json``) or ``time level event key=value ...`` (``text``),
 the same fields either way.
 
-twistd starts its log observer after ``makeService``; the plugin's options
-point twistd's ``--logger`` at :func:`observer` (unless the user named one),
-and ``makeService`` records the format, level and destination chosen by the
-config with :func:`configure`.
+twistd starts its log observer after ``makeService``: :func:`install` makes
+the observer for the config's settings the application's ``ILogObserver``,
+which twistd uses unless the user named a ``--logger``.  The settings travel
+as an argument, never through module state, so two daemons (or tests) in one
+process cannot see each other's.
 """
 
 from __future__ import annotations
@@ -15,22 +16,24 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import IO, Any, Callable, Mapping, Optional
+from typing import IO, Callable, Mapping, Optional, Protocol, cast
 
 import attrs
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    LogEvent,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
 )
+from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
-OBSERVER_NAME = "jwtlet.logs.observer"
+from jwtlet.model import JSONObject, JSONValue
 
 _LEVELS = {
     "debug": LogLevel.debug,
@@ -42,6 +45,19 @@ _LEVELS = {
 }
 
 
+class ReactorLoop(Protocol):
+    """What :class:`LineObserver` asks of the reactor: whether it turns, and a later call."""
+
+    @property
+    def running(self) -> bool: ...
+
+    def callLater(self, delay: float, callable: Callable[[], object]) -> object: ...  # noqa: N802 - Twisted's name
+
+    def addSystemEventTrigger(  # noqa: N802 - Twisted's name
+        self, phase: str, eventType: str, callable: Callable[[], object]  # noqa: N803
+    ) -> object: ...
+
+
 @attrs.define
 class LogSettings:
     format: str = "json"
@@ -49,21 +65,12 @@ class LogSettings:
     logfile: Optional[str] = None
 
 
-_settings = LogSettings()
-
-
-def configure(settings: LogSettings) -> None:
-    """Record how the observer that twistd starts next should behave."""
-    global _settings
-    _settings = settings
-
-
-def emit(logger: Logger, event: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:
+def emit(logger: Logger, event: str, level: LogLevel = LogLevel.info, **fields: JSONValue) -> None:
     """Log a named event (``token.issued``, ``mapping.created``) with its fields."""
     logger.emit(level, event, jwtlet_event=event, **fields)
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> JSONValue:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, Mapping):
@@ -73,13 +80,13 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _record(event: Mapping[str, Any]) -> dict[str, Any]:
+def _record(event: LogEvent) -> JSONObject:
     """
     The fields of one log line.  Failures are named by type and message
     only: tracebacks can quote locals such as tokens, so they are not written.
     """
     level = event.get("log_level", LogLevel.info)
-    record: dict[str, Any] = {
+    record: JSONObject = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
         + f".{int((event.get('log_time', 0) % 1) * 1000):03d}Z",
         "level": level.name,
@@ -101,12 +108,12 @@ def _record(event: Mapping[str, Any]) -> dict[str, Any]:
     return record
 
 
-def to_json(event: Mapping[str, Any]) -> str:
+def to_json(event: LogEvent) -> str:
     """One log line as a JSON object."""
     return json.dumps(_record(event), ensure_ascii=False, separators=(",", ":"))
 
 
-def _text_value(value: Any) -> str:
+def _text_value(value: JSONValue) -> str:
     """
     A value as ``key=value`` shows it: bare when that is unambiguous, else
     quoted as a JSON string, which also escapes line breaks and other
@@ -123,7 +130,7 @@ def _text_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=not text.isprintable())
 
 
-def to_text(event: Mapping[str, Any]) -> str:
+def to_text(event: LogEvent) -> str:
     """One log line as ``time level event key=value ...``, the fields of :func:`to_json`."""
     record = _record(event)
     head = [str(record.pop(name)) for name in ("time", "level", "event")]
@@ -142,12 +149,12 @@ class LineObserver:
     """
 
     stream: IO[str]
-    reactor: Any = None
-    render: Callable[[Mapping[str, Any]], str] = to_json
+    reactor: Optional[ReactorLoop] = None
+    render: Callable[[LogEvent], str] = to_json
     _pending: list[str] = attrs.field(factory=list)
     _scheduled: bool = False
 
-    def __call__(self, event: Mapping[str, Any]) -> None:
+    def __call__(self, event: LogEvent) -> None:
         line = self.render(event) + "\n"
         if self.reactor is None or not self.reactor.running or not isInIOThread():
             self.stream.write(line)
@@ -172,12 +179,22 @@ def _stream(logfile: Optional[str]) -> IO[str]:
     return LogFile.fromFullPath(logfile)  # type: ignore[return-value]
 
 
-def observer() -> ILogObserver:
-    """The observer twistd's ``--logger`` names: format and level from config."""
-    settings = _settings
-    from twisted.internet import reactor
+def observer(settings: LogSettings, reactor: Optional[ReactorLoop] = None) -> ILogObserver:
+    """The daemon's observer: format, level and destination from ``settings``."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
 
+        reactor = cast(ReactorLoop, default_reactor)
     lines = LineObserver(_stream(settings.logfile), reactor, to_json if settings.format == "json" else to_text)
     reactor.addSystemEventTrigger("after", "shutdown", lines.flush)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS.get(settings.level.lower(), LogLevel.info))
     return FilteringLogObserver(lines, [predicate])
+
+
+def install(application: Componentized, settings: LogSettings, reactor: Optional[ReactorLoop] = None) -> None:
+    """
+    Make the observer for ``settings`` the one twistd starts for
+    ``application`` (its ``ILogObserver`` component, which twistd reads when
+    no ``--logger`` was given).
+    """
+    application.setComponent(ILogObserver, observer(settings, reactor))

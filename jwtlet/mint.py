@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from jwcrypto.common import base64url_encode, json_encode
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
 
 from jwtlet import keys
+from jwtlet.files import write_private
+from jwtlet.model import JSONObject
 
 MIN_SECRET_BYTES = 32
 
@@ -52,7 +52,7 @@ def signing_key(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[J
         try:
             key = keys.load(Path(args.key_file))
             return key, keys.algorithm_for(key)
-        except keys.KeyError_ as error:
+        except keys.KeyFileError as error:
             raise MintError(f"key file: {error}") from None
     secret = environ.get("JWT_SECRET_KEY") or environ.get("JWT_SECRET")
     if not secret:
@@ -63,8 +63,8 @@ def signing_key(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[J
     return JWK(kty="oct", k=base64url_encode(raw)), "HS256"
 
 
-def extra_claims(pairs: Sequence[str]) -> dict[str, Any]:
-    claims: dict[str, Any] = {}
+def extra_claims(pairs: Sequence[str]) -> JSONObject:
+    claims: JSONObject = {}
     for pair in pairs:
         name, separator, text = pair.partition("=")
         if not separator or not name:
@@ -76,8 +76,8 @@ def extra_claims(pairs: Sequence[str]) -> dict[str, Any]:
     return claims
 
 
-def build_claims(args: argparse.Namespace, service: str, now: int) -> dict[str, Any]:
-    claims: dict[str, Any] = {"iss": args.issuer, "sub": service, "iat": now, "jti": str(uuid.uuid4()),
+def build_claims(args: argparse.Namespace, service: str, now: int) -> JSONObject:
+    claims: JSONObject = {"iss": args.issuer, "sub": service, "iat": now, "jti": str(uuid.uuid4()),
                               "role": args.role}
     if not args.no_expiry:
         if args.ttl <= 0:
@@ -87,22 +87,6 @@ def build_claims(args: argparse.Namespace, service: str, now: int) -> dict[str, 
         claims["aud"] = args.audience
     claims.update(extra_claims(args.claim))
     return claims
-
-
-def write_atomically(path: Path, content: str) -> None:
-    """Temp file in the same directory, fsync, rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(descriptor, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write(content)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def mint(argv: Sequence[str], environ: Mapping[str, str], now: Optional[int] = None) -> int:
@@ -122,7 +106,7 @@ def mint(argv: Sequence[str], environ: Mapping[str, str], now: Optional[int] = N
         jws = JWS(json_encode(claims).encode("utf-8"))
         jws.add_signature(key, alg=algorithm, protected=json_encode(header))
         try:
-            write_atomically(Path(output), jws.serialize(compact=True))
+            write_private(Path(output), jws.serialize(compact=True).encode("ascii"))
         except OSError as error:
             raise MintError(f"cannot write {output}: {error.strerror}") from None
     except MintError as error:

@@ -11,6 +11,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import attrs
 
+#: Any JSON value (a claim, a JWKS member).  The type system cannot say "JSON"
+#: without a recursive union every reader would have to narrow, so these two
+#: aliases are the one place ``Any`` stands for it.
+JSONValue = Any  # type: ignore[explicit-any]
+JSONObject = dict[str, JSONValue]
+
 
 def _sorted_tuple(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(values)))
@@ -32,7 +38,7 @@ class Identity:
     namespace: Optional[str] = None
     name: Optional[str] = None
     groups: tuple[str, ...] = ()
-    extra: Mapping[str, Any] = attrs.field(factory=dict)
+    extra: Mapping[str, JSONValue] = attrs.field(factory=dict)
     expires_at: Optional[float] = None
     token_id: Optional[str] = None
     #: The last instant the validator would still accept this credential
@@ -63,7 +69,7 @@ class ScopeMapping:
     """A scope and the claims it adds to an issued token."""
 
     scope: str
-    claims: Mapping[str, Any] = attrs.field(factory=dict)
+    claims: Mapping[str, JSONValue] = attrs.field(factory=dict)
 
 
 @attrs.frozen

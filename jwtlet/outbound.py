@@ -8,21 +8,24 @@ rotates.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Union, cast
 
 import attrs
 from treq.client import HTTPClient
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS
 
-from jwtlet.interfaces import DependencyUnavailable
-from jwtlet.kubernetes.identity import strict_json
+if TYPE_CHECKING:
+    from treq._types import _ITreqReactor
+
+#: Request headers as treq takes them.
+RequestHeaders = dict[Union[bytes, str], list[Union[bytes, str]]]
 
 
 def tls_policy(ca_file: Optional[str]) -> IPolicyForHTTPS:
@@ -54,11 +57,14 @@ def _pem_blocks(pem: bytes) -> list[bytes]:
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-vault-token"})
 
 
-def carries_credential(headers: Any) -> bool:
+def carries_credential(headers: object) -> bool:
     """Whether ``headers`` (as treq takes them: a mapping or ``Headers``) name a credential."""
-    if headers is None:
+    if isinstance(headers, Headers):
+        names: Iterable[Union[str, bytes]] = (name for name, _ in headers.getAllRawHeaders())
+    elif isinstance(headers, Mapping):
+        names = headers
+    else:
         return False
-    names = (name for name, _ in headers.getAllRawHeaders()) if isinstance(headers, Headers) else iter(headers)
     return any(
         (name.encode("latin-1") if isinstance(name, str) else bytes(name)).lower() in CREDENTIAL_HEADERS
         for name in names
@@ -109,43 +115,22 @@ def build_http_client(
     return OutboundHTTPClient(agent, pool)
 
 
+def on_clock(clock: IReactorTime) -> _ITreqReactor:
+    """
+    ``clock`` as the ``reactor=`` of a treq request, so its timeout runs on
+    the injected clock.  treq schedules only that timeout there (connecting
+    goes through the client's agent), though its annotation asks for a whole
+    reactor.
+    """
+    return cast("_ITreqReactor", clock)
+
+
 def close_http_client(client: HTTPClient) -> Deferred[None]:
     """Close the pooled connections of a client made by :func:`build_http_client`."""
     if isinstance(client, OutboundHTTPClient):
         closing: Deferred[None] = client.pool.closeCachedConnections()
         return closing
     return succeed(None)
-
-
-async def post_json(
-    client: HTTPClient, url: str, body: Any, bearer: str, timeout: float, clock: Any, peer: str
-) -> tuple[int, Any]:
-    """
-    POST ``body`` as JSON with a bearer token; the status and the decoded
-    answer (``None`` when it is not JSON).  Connection failures and timeouts
-    are :class:`DependencyUnavailable`, named after ``peer``.
-    """
-    headers: dict[Any, Any] = {"Authorization": [f"Bearer {bearer}"], "Content-Type": ["application/json"],
-                               "Accept": ["application/json"]}
-    try:
-        response = await client.post(
-            url,
-            data=json.dumps(body).encode(),
-            headers=headers,
-            timeout=timeout,
-            reactor=clock,
-        )
-        content = await response.content()
-    except CancelledError:
-        raise DependencyUnavailable(f"{peer}: timed out") from None
-    except Exception as error:
-        raise DependencyUnavailable(f"{peer}: {type(error).__name__}") from None
-    try:
-        # A hostile or broken peer (deeply nested JSON, huge numbers) must not
-        # raise anything but "not JSON" here.
-        return response.code, strict_json(content)
-    except ValueError:
-        return response.code, None
 
 
 # -- bearer tokens kept in files -------------------------------------------------

@@ -7,11 +7,11 @@ here; every rule is tested without a reactor.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import attrs
 
-from jwtlet.model import Identity, ResourceMapping, ScopeMapping
+from jwtlet.model import Identity, JSONObject, JSONValue, Resolution, ResourceMapping, ScopeMapping
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
@@ -26,55 +26,60 @@ RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "a
 Audience = Union[str, list[str]]
 
 
-# -- the errors of the decision, each with its RFC 6749 code and status ---------
+# -- the errors of the decision: what went wrong, never how a port says it --------
 
 
 @attrs.define(auto_exc=True)
-class ExchangeError(Exception):
-    """A refusal: ``code`` is the RFC 6749 ``error``, ``status`` the HTTP status."""
+class Refusal(Exception):
+    """The request is refused: ``code`` is the RFC 6749 ``error``."""
 
     code: str
-    description: str
-    status: int = 400
-    retry_after: Optional[int] = None
+    description: str = ""
 
 
-def invalid_request(description: str) -> ExchangeError:
-    return ExchangeError("invalid_request", description)
+@attrs.define(auto_exc=True)
+class RateLimited(Exception):
+    """Over a rate limit: the client may try again after ``retry_after`` seconds."""
+
+    retry_after: int
 
 
-def invalid_grant(description: str = "subject token rejected") -> ExchangeError:
-    return ExchangeError("invalid_grant", description)
+class ServerError(Exception):
+    """
+    A store or signer failed other than by being unavailable.  What failed is
+    logged where it happened; the client learns nothing more.
+    """
 
 
-def unauthorized_client(description: str) -> ExchangeError:
-    return ExchangeError("unauthorized_client", description, 403)
+def invalid_request(description: str) -> Refusal:
+    return Refusal("invalid_request", description)
 
 
-def invalid_scope(description: str) -> ExchangeError:
-    return ExchangeError("invalid_scope", description)
+def invalid_grant(description: str = "subject token rejected") -> Refusal:
+    return Refusal("invalid_grant", description)
 
 
-def temporarily_unavailable(retry_after: int = 5) -> ExchangeError:
-    return ExchangeError(
-        "temporarily_unavailable", "a dependency is unavailable, retry later", 503, retry_after
-    )
+def invalid_target(description: str) -> Refusal:
+    return Refusal("invalid_target", description)
 
 
-def server_error() -> ExchangeError:
-    return ExchangeError("server_error", "internal error", 500)
+def unauthorized_client(description: str) -> Refusal:
+    return Refusal("unauthorized_client", description)
 
 
-def rate_limited(retry_after: int) -> ExchangeError:
-    return ExchangeError("rate_limited", "", 429, retry_after)
+def invalid_scope(description: str) -> Refusal:
+    return Refusal("invalid_scope", description)
 
 
 # -- the request ----------------------------------------------------------------
 
 
 @attrs.frozen
-class TokenRequest:
-    """A well-formed RFC 8693 request, as the form said it."""
+class ExchangeRequest:
+    """
+    A well-formed exchange request: RFC 8693 as the form of ``POST /token``
+    said it, or an API key for a profile (``resource``).
+    """
 
     subject_token: str = attrs.field(repr=False)
     subject_token_type: Optional[str]
@@ -98,15 +103,15 @@ def parse_scope(value: Optional[str]) -> tuple[str, ...]:
 
 def parse_token_request(
     fields: Mapping[str, Sequence[str]], require_subject_token_type: bool = False
-) -> TokenRequest:
+) -> ExchangeRequest:
     """
     Check the form of ``POST /token`` (``fields`` maps each name to every
-    value sent) and return what it asks for, or raise :class:`ExchangeError`.
+    value sent) and return what it asks for, or raise :class:`Refusal`.
     """
     for name, values in fields.items():
         if name != "audience" and len(values) > 1:
             if name == "resource":
-                raise ExchangeError("invalid_target", "only one resource may be requested")
+                raise invalid_target("only one resource may be requested")
             raise invalid_request(f"parameter '{name}' sent more than once")
 
     def single(name: str) -> Optional[str]:
@@ -121,7 +126,7 @@ def parse_token_request(
 
     grant_type = required("grant_type")
     if grant_type != GRANT_TYPE_TOKEN_EXCHANGE:
-        raise ExchangeError("unsupported_grant_type", "only token exchange is supported")
+        raise Refusal("unsupported_grant_type", "only token exchange is supported")
     subject_token = required("subject_token")
     subject_token_type = single("subject_token_type") or None
     if subject_token_type is None:
@@ -142,7 +147,7 @@ def parse_token_request(
         raise invalid_request("actor_token_type sent without actor_token")
     if actor_token_type is not None and actor_token_type not in SUBJECT_TOKEN_TYPES:
         raise invalid_request("unsupported actor_token_type")
-    return TokenRequest(
+    return ExchangeRequest(
         subject_token=subject_token,
         subject_token_type=subject_token_type,
         resource=resource,
@@ -172,13 +177,13 @@ def expand_scopes(
     requested: Iterable[str],
     scope_mappings: Mapping[str, ScopeMapping],
     reserved: frozenset[str],
-) -> dict[str, Any]:
+) -> JSONObject:
     """
     Step 3: merge the claims of the requested scopes.  Two scopes giving one
     claim different values is ``invalid_scope``.  Reserved names are never
     taken from a scope mapping, whatever the store holds.
     """
-    claims: dict[str, Any] = {}
+    claims: JSONObject = {}
     origin: dict[str, str] = {}
     for scope in sorted(set(requested)):
         mapping = scope_mappings.get(scope)
@@ -209,17 +214,17 @@ def choose_audience(
     return requested[0] if len(requested) == 1 else list(requested)
 
 
-def actor_claim(subject: Identity, actor: Optional[Identity] = None) -> dict[str, Any]:
+def actor_claim(subject: Identity, actor: Optional[Identity] = None) -> JSONObject:
     """
     ``act``: the service account that asked; with an actor token, the actor is
     the current one and the service account is nested (RFC 8693 §4.1).
     """
-    service_account: dict[str, Any] = {"sub": subject.username, "iss": subject.issuer}
+    service_account: JSONObject = {"sub": subject.username, "iss": subject.issuer}
     if subject.uid:
         service_account["k8s_uid"] = subject.uid
     if actor is None:
         return service_account
-    current: dict[str, Any] = {"sub": actor.username, "iss": actor.issuer}
+    current: JSONObject = {"sub": actor.username, "iss": actor.issuer}
     if actor.uid:
         current["k8s_uid"] = actor.uid
     current["act"] = service_account
@@ -228,49 +233,84 @@ def actor_claim(subject: Identity, actor: Optional[Identity] = None) -> dict[str
 
 @attrs.frozen
 class IssueParameters:
-    """The fixed parts of every issued token."""
+    """The fixed parts of every token issued for a resource mapping."""
 
     issuer: str
     participant_context_claim: str
     ttl_secs: int
 
 
-def token_claims(
+@attrs.frozen
+class Terms:
+    """
+    What the checks granted, whatever the credential: the token's audience,
+    lifetime and the claims it carries beyond the registered ones.
+    """
+
+    audience: Audience
+    ttl_secs: int
+    #: Granted claims (a scope mapping's, an API key's ``int_id``...), never a
+    #: reserved name: :func:`token_claims` writes those after them.
+    claims: Mapping[str, JSONValue]
+    participant_context: Optional[str] = None
+    act: Optional[JSONObject] = None
+    scopes: tuple[str, ...] = ()
+
+
+def mapping_terms(
     parameters: IssueParameters,
-    participant_context: str,
-    audience: Audience,
-    scope_claims: Mapping[str, Any],
-    act: Optional[Mapping[str, Any]],
-    now: int,
-    token_id: str,
-) -> dict[str, Any]:
+    resolution: Resolution,
+    request: ExchangeRequest,
+    default_audience: str,
+    subject: Identity,
+    actor: Optional[Identity] = None,
+) -> Terms:
+    """Steps 2 to 4 of an RFC 8693 exchange, over the mapping the store resolved."""
+    check_scopes_allowed(resolution.mapping, request.scopes)
+    reserved = reserved_claims(parameters.participant_context_claim)
+    return Terms(
+        audience=choose_audience(request.audiences, resolution.mapping.audiences, default_audience),
+        ttl_secs=parameters.ttl_secs,
+        claims=expand_scopes(request.scopes, resolution.scopes, reserved),
+        participant_context=request.resource,
+        act=actor_claim(subject, actor),
+        scopes=request.scopes,
+    )
+
+
+def api_key_terms(audience: str, ttl_secs: int, key: Identity) -> Terms:
+    """
+    An API-key profile's token (the M-Lab contract): the profile's audience
+    and lifetime, and which key of which integration, with its tier.
+    """
+    return Terms(
+        audience=audience,
+        ttl_secs=ttl_secs,
+        claims={"int_id": key.extra["int_id"], "key_id": key.extra["key_id"], "tier": int(key.extra["tier"])},
+    )
+
+
+def token_claims(
+    issuer: str, participant_context_claim: str, terms: Terms, now: int, token_id: str
+) -> JSONObject:
     """
     The claims of an issued token.  The registered claims are written last so
-    that nothing a scope mapping says can replace them.
+    that nothing granted can replace them.
     """
-    claims = {
-        name: value
-        for name, value in scope_claims.items()
-        if name not in reserved_claims(parameters.participant_context_claim)
-    }
-    claims.update(
-        {
-            "iss": parameters.issuer,
-            "sub": participant_context,
-            parameters.participant_context_claim: participant_context,
-            "aud": audience,
-            "iat": now,
-            "nbf": now,
-            "exp": now + parameters.ttl_secs,
-            "jti": token_id,
-        }
-    )
-    if act is not None:
-        claims["act"] = dict(act)
+    claims = dict(terms.claims)
+    claims["iss"] = issuer
+    if terms.participant_context is not None:
+        claims["sub"] = terms.participant_context
+        claims[participant_context_claim] = terms.participant_context
+    claims.update({"aud": terms.audience, "iat": now, "nbf": now, "exp": now + terms.ttl_secs, "jti": token_id})
+    if terms.act is not None:
+        claims["act"] = terms.act
     return claims
 
 
-def granted_scope(scopes: Iterable[str]) -> Optional[str]:
-    """The ``scope`` member of the response, or ``None`` when empty."""
-    joined = " ".join(sorted(set(scopes)))
-    return joined or None
+def granted_scope(scopes: tuple[str, ...]) -> Optional[str]:
+    """
+    The ``scope`` member of the response, or ``None`` when empty; ``scopes``
+    come from :func:`parse_scope`, sorted and without duplicates already.
+    """
+    return " ".join(scopes) or None

@@ -7,10 +7,11 @@ what it serves.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from typing import Any, Optional
+from typing import Optional
 
 import attrs
+from cachetools import LRUCache
+from twisted.internet.interfaces import IReactorTime
 
 MAX_TRACKED_KEYS = 10_000
 
@@ -46,12 +47,16 @@ class RateLimiter:
     least recently seen keys are forgotten first (which only ever forgives).
     """
 
-    clock: Any
+    clock: IReactorTime
     per_key_per_sec: Optional[float] = None
     global_per_sec: Optional[float] = None
     max_keys: int = MAX_TRACKED_KEYS
     _global: Optional[TokenBucket] = attrs.field(default=None, init=False)
-    _keys: OrderedDict[str, TokenBucket] = attrs.field(factory=OrderedDict, init=False)
+    _keys: LRUCache[str, TokenBucket] = attrs.field(init=False)
+
+    @_keys.default
+    def _key_table(self) -> LRUCache[str, TokenBucket]:
+        return LRUCache(maxsize=self.max_keys)
 
     def check_global(self) -> Optional[int]:
         if self.global_per_sec is None:
@@ -65,11 +70,7 @@ class RateLimiter:
         if self.per_key_per_sec is None:
             return None
         now = self.clock.seconds()
-        bucket = self._keys.get(key)
+        bucket: Optional[TokenBucket] = self._keys.get(key)  # a hit counts as use: the LRU keeps it
         if bucket is None:
             bucket = self._keys[key] = _bucket(self.per_key_per_sec, now)
-            while len(self._keys) > self.max_keys:
-                self._keys.popitem(last=False)
-        else:
-            self._keys.move_to_end(key)
         return bucket.take(now)

@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from jwtlet.config.reader import SectionReader, as_nonempty_str
 from jwtlet.exchange.apikeys import ApiKeyVerifier, InvalidKey
 from jwtlet.interfaces import IValidator, IValidatorFactory, PluginConfigError, PluginContext, TokenRejected
 from jwtlet.model import Identity
@@ -40,6 +41,11 @@ class ApiKeyValidator:
         )
 
 
+def _prefix(prefix: str) -> Optional[str]:
+    # the key's parts are separated by dots: a dot in the prefix would make them ambiguous
+    return "must not contain '.'" if "." in prefix else None
+
+
 @implementer(IPlugin, IValidatorFactory)
 @attrs.frozen
 class ApiKeyValidatorFactory:
@@ -47,13 +53,14 @@ class ApiKeyValidatorFactory:
     description: str = "validates API keys against the digests in the mapping store"
 
     def build(self, options: Mapping[str, Any], context: PluginContext) -> ApiKeyValidator:
-        problems = [f"{key}: unknown key" for key in options if key != "prefix"]
-        configured = getattr(context.config, "api_keys", None)
-        prefix = options.get("prefix", configured.prefix if configured is not None else "jwtk")
-        if not isinstance(prefix, str) or not prefix or "." in prefix:
-            problems.append("prefix: must be a non-empty string without '.'")
+        problems: list[str] = []
+        section = SectionReader(options, "", problems)
+        configured = context.config.api_keys
+        prefix = section.get("prefix", as_nonempty_str, configured.prefix if configured is not None else "jwtk",
+                             check=_prefix)
+        section.finish()
         if context.store is None:
-            problems.append("type: the api-key validator needs a store")
+            section.problem("type", "the api-key validator needs a store")
         if problems:
             raise PluginConfigError(*problems)
         return ApiKeyValidator(ApiKeyVerifier(context.store, prefix))

@@ -18,6 +18,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from jwtlet import keys
+from jwtlet.config.reader import SectionReader, as_bool, as_nonempty_str, as_str, as_str_list, one_of
 from jwtlet.interfaces import ISigner, ISignerFactory, PluginConfigError, PluginContext
 
 
@@ -40,22 +41,22 @@ class LocalKeySigner:
         return succeed(self.jwks)
 
 
-def _key_paths(options: Mapping[str, Any], context: PluginContext, problems: list[str]) -> list[Path]:
-    single = options.get("key_file")
-    several = options.get("key_files")
-    if single is not None and several is not None:
-        problems.append("key_file and key_files: give one of them")
+def _key_paths(section: SectionReader, context: PluginContext) -> list[Path]:
+    single: Optional[str] = section.get("key_file", as_nonempty_str, None)
+    several: Optional[tuple[str, ...]] = section.get("key_files", as_str_list, None, check=_not_empty)
+    if section.present("key_file") and section.present("key_files"):
+        section.problem("key_file and key_files", "give one of them")
     if several is not None:
-        if not isinstance(several, list) or not several or not all(isinstance(p, str) for p in several):
-            problems.append("key_files: must be a non-empty list of paths")
-            return []
-        return [Path(p) for p in several]
-    if single is None:
-        return [Path(context.data_dir) / "signing-key.jwk"]
-    if not isinstance(single, str) or not single:
-        problems.append("key_file: must be a path")
-        return []
-    return [Path(single)]
+        return [Path(path) for path in several]
+    if single is not None:
+        return [Path(single)]
+    if section.present("key_file") or section.present("key_files"):
+        return []  # reported above
+    return [Path(context.data_dir) / "signing-key.jwk"]
+
+
+def _not_empty(paths: tuple[str, ...]) -> Optional[str]:
+    return None if paths and all(paths) else "must be a non-empty list of paths"
 
 
 @implementer(IPlugin, ISignerFactory)
@@ -65,15 +66,12 @@ class LocalKeySignerFactory:
     description: str = "signs with private keys from local JWK or PEM files (EdDSA, ES256/384, RS256, PS256)"
 
     def build(self, options: Mapping[str, Any], context: PluginContext) -> LocalKeySigner:
-        problems = [f"{key}: unknown key" for key in options
-                    if key not in ("key_file", "key_files", "generate", "algorithm")]
-        generate = options.get("generate", False)
-        if not isinstance(generate, bool):
-            problems.append("generate: must be true or false")
-        preferred = options.get("algorithm")
-        if preferred is not None and preferred not in keys.ALGORITHMS:
-            problems.append(f"algorithm: must be one of {', '.join(keys.ALGORITHMS)}")
-        paths = _key_paths(options, context, problems)
+        problems: list[str] = []
+        section = SectionReader(options, "", problems)
+        generate = section.get("generate", as_bool, False)
+        preferred: Optional[str] = section.get("algorithm", as_str, None, check=one_of(*keys.ALGORITHMS))
+        paths = _key_paths(section, context)
+        section.finish()
         if problems:
             raise PluginConfigError(*problems)
         unwritten: Optional[JWK] = None
@@ -91,7 +89,7 @@ class LocalKeySignerFactory:
             try:
                 key = unwritten if index == 0 and unwritten is not None else keys.load(path)
                 loaded.append((key, keys.algorithm_for(key, preferred)))
-            except keys.KeyError_ as error:
+            except keys.KeyFileError as error:
                 problems.append(f"key_file: {error}")
         if problems:
             raise PluginConfigError(*problems)

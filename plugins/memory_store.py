@@ -1,20 +1,23 @@
 """
 The ``memory`` store: everything in dictionaries, gone when the process
 ends.  For tests and throwaway instances; the embedded default is ``sqlite``.
+The rules every store follows (order of listings, what a resolve asks for,
+integrations with their keys) are :mod:`jwtlet.plugins.store_rules`'s.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from jwtlet.config.reader import SectionReader
 from jwtlet.interfaces import (
     Conflict,
-    IChangeNotifier,
     IMappingStore,
     IMappingStoreFactory,
     IReplayRecord,
@@ -23,22 +26,18 @@ from jwtlet.interfaces import (
     PluginContext,
 )
 from jwtlet.model import ApiKeyRecord, Integration, Resolution, ResourceMapping, ScopeMapping
+from jwtlet.plugins.store_rules import sorted_mappings, sorted_scopes, wanted_scopes, with_keys
 
 
-@implementer(IMappingStore, IReplayRecord, IChangeNotifier)
+@implementer(IMappingStore, IReplayRecord)
 @attrs.define
 class MemoryStore:
-    clock: Any
+    clock: IReactorTime
     mappings: dict[tuple[str, str], ResourceMapping] = attrs.field(factory=dict)
     scopes: dict[str, ScopeMapping] = attrs.field(factory=dict)
     integrations: dict[str, Integration] = attrs.field(factory=dict)
     keys: dict[tuple[str, str], ApiKeyRecord] = attrs.field(factory=dict)
     token_ids: dict[tuple[str, str], float] = attrs.field(factory=dict)
-    listeners: list[Callable[[], None]] = attrs.field(factory=list)
-
-    def _changed(self) -> None:
-        for listener in list(self.listeners):
-            listener()
 
     # -- mappings -----------------------------------------------------------
 
@@ -46,7 +45,6 @@ class MemoryStore:
         if mapping.key in self.mappings:
             return fail(Conflict(mapping.key))
         self.mappings[mapping.key] = mapping
-        self._changed()
         return succeed(None)
 
     def get_mapping(self, client_identifier: str, participant_context: str) -> Deferred[ResourceMapping]:
@@ -54,28 +52,25 @@ class MemoryStore:
         return succeed(found) if found is not None else fail(NotFound(client_identifier))
 
     def list_mappings(self, client_identifier: Optional[str] = None) -> Deferred[list[ResourceMapping]]:
-        return succeed(
-            [m for key, m in sorted(self.mappings.items())
-             if client_identifier is None or key[0] == client_identifier]
-        )
+        return succeed(sorted_mappings(
+            mapping for mapping in self.mappings.values()
+            if client_identifier is None or mapping.client_identifier == client_identifier
+        ))
 
     def update_mapping(self, mapping: ResourceMapping) -> Deferred[None]:
         if mapping.key not in self.mappings:
             return fail(NotFound(mapping.key))
         self.mappings[mapping.key] = mapping
-        self._changed()
         return succeed(None)
 
     def delete_mapping(self, client_identifier: str, participant_context: str) -> Deferred[bool]:
         existed = self.mappings.pop((client_identifier, participant_context), None) is not None
-        self._changed()
         return succeed(existed)
 
     def delete_client_mappings(self, client_identifier: str) -> Deferred[int]:
         doomed = [key for key in self.mappings if key[0] == client_identifier]
         for key in doomed:
             del self.mappings[key]
-        self._changed()
         return succeed(len(doomed))
 
     # -- scopes ---------------------------------------------------------------
@@ -84,7 +79,6 @@ class MemoryStore:
         if scope.scope in self.scopes:
             return fail(Conflict(scope.scope))
         self.scopes[scope.scope] = scope
-        self._changed()
         return succeed(None)
 
     def get_scope(self, scope: str) -> Deferred[ScopeMapping]:
@@ -92,18 +86,16 @@ class MemoryStore:
         return succeed(found) if found is not None else fail(NotFound(scope))
 
     def list_scopes(self) -> Deferred[list[ScopeMapping]]:
-        return succeed([self.scopes[name] for name in sorted(self.scopes)])
+        return succeed(sorted_scopes(self.scopes.values()))
 
     def update_scope(self, scope: ScopeMapping) -> Deferred[None]:
         if scope.scope not in self.scopes:
             return fail(NotFound(scope.scope))
         self.scopes[scope.scope] = scope
-        self._changed()
         return succeed(None)
 
     def delete_scope(self, scope: str) -> Deferred[bool]:
         existed = self.scopes.pop(scope, None) is not None
-        self._changed()
         return succeed(existed)
 
     def resolve(
@@ -112,7 +104,7 @@ class MemoryStore:
         mapping = self.mappings.get((client_identifier, participant_context))
         if mapping is None:
             return fail(NotFound(client_identifier))
-        found = {name: self.scopes[name] for name in scopes if name in self.scopes}
+        found = {name: self.scopes[name] for name in wanted_scopes(scopes) if name in self.scopes}
         return succeed(Resolution(mapping=mapping, scopes=found))
 
     # -- integrations and keys --------------------------------------------
@@ -126,15 +118,7 @@ class MemoryStore:
         return succeed(None)
 
     def list_integrations(self) -> Deferred[list[Integration]]:
-        return succeed(
-            [
-                attrs.evolve(
-                    integration,
-                    keys=tuple(record for key, record in sorted(self.keys.items()) if key[0] == name),
-                )
-                for name, integration in sorted(self.integrations.items())
-            ]
-        )
+        return succeed(with_keys(self.integrations.values(), self.keys.values()))
 
     def add_api_key(self, record: ApiKeyRecord) -> Deferred[None]:
         if record.integration_id not in self.integrations:
@@ -168,9 +152,6 @@ class MemoryStore:
         self.token_ids[key] = expires_at
         return succeed(True)
 
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        self.listeners.append(callback)
-
 
 @implementer(IPlugin, IMappingStoreFactory)
 @attrs.frozen
@@ -179,8 +160,10 @@ class MemoryStoreFactory:
     description: str = "keeps everything in memory (tests; lost when the process ends)"
 
     def build(self, options: Mapping[str, Any], context: PluginContext) -> MemoryStore:
-        if options:
-            raise PluginConfigError(*(f"{key}: unknown key" for key in sorted(options)))
+        problems: list[str] = []
+        SectionReader(options, "", problems).finish()  # it takes no options
+        if problems:
+            raise PluginConfigError(*problems)
         return MemoryStore(clock=context.clock)
 
 

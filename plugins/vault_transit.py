@@ -12,6 +12,13 @@ replica (and every relying party's JWKS cache) has it before the first token
 does, and a restart does not sign with a version created seconds ago.  A
 version that stopped signing stays published until the tokens it signed have
 expired.
+
+Signs that wait at the same time go to Vault together: one ``transit/sign``
+request with ``batch_input`` (at most ``batch_max`` items, waiting at most
+``batch_window_ms`` for others to join).  A batch names one ``key_version``,
+every item a ``reference`` checked in the answer as well as its position, so
+no exchange can receive a signature made for another; an item Vault refuses
+fails only its own exchange, while an outage fails the whole batch.
 """
 
 from __future__ import annotations
@@ -19,19 +26,20 @@ from __future__ import annotations
 import base64
 import json
 from datetime import datetime
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import attrs
 from jwcrypto.common import JWException, base64url_encode, json_encode
 from jwcrypto.jwk import JWK
 from twisted.application.service import IService, Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from jwtlet.config.schema import https_url
+from jwtlet.config.reader import https_url
 from jwtlet.interfaces import (
     DependencyUnavailable,
     IReadiness,
@@ -98,6 +106,56 @@ class VaultOptions:
     publish_before_use_secs: float = 120.0
     timeout_secs: float = 5.0
     ca_file: Optional[str] = None
+    batch_max: int = 32
+    #: seconds a sign may wait for others to join its batch; 0: every sign is its own request
+    batch_window: float = 0.002
+
+
+@attrs.define
+class SignBatch:
+    """Signing inputs waiting to go to Vault in one request, all with one key version."""
+
+    version: int
+    inputs: list[str] = attrs.field(factory=list)
+    waiters: list[Deferred[str]] = attrs.field(factory=list)
+    timer: Optional[IDelayedCall] = None
+
+
+def batch_request(version: int, inputs: list[str], parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``transit/sign`` body for ``inputs``; each item's ``reference`` is its position."""
+    items = [{"input": base64.b64encode(text.encode()).decode(), "reference": str(index)}
+             for index, text in enumerate(inputs)]
+    return dict(parameters, batch_input=items, key_version=version)
+
+
+def batch_outcomes(version: int, count: int, data: Any) -> list[Union[str, VaultMisconfigured]]:
+    """
+    For each item of a :func:`batch_request` of ``count`` items signed with
+    ``version``: its JWS signature, or why it has none.  Vault answers 200
+    even when items fail (each then carries ``error``), in request order; an
+    answer that cannot be matched item by item fails the whole batch.
+    """
+    results = data.get("batch_results") if isinstance(data, Mapping) else None
+    if not isinstance(results, list) or len(results) != count:
+        raise VaultMisconfigured("Vault's batch answer does not match the request")
+    return [_item_outcome(version, index, result) for index, result in enumerate(results)]
+
+
+def _item_outcome(version: int, index: int, result: Any) -> Union[str, VaultMisconfigured]:
+    if not isinstance(result, Mapping):
+        return VaultMisconfigured("Vault's batch answer has an unreadable item")
+    # Position alone would hand a token another exchange's signature if a
+    # proxy or a Vault bug reordered the results; Vaults too old to echo
+    # references send none.
+    reference = result.get("reference")
+    if reference is not None and reference != str(index):
+        return VaultMisconfigured("Vault's batch answer is out of order")
+    if result.get("error"):
+        return VaultMisconfigured(f"transit sign refused an item: {result['error']}")
+    prefix, _, encoded = str(result.get("signature", "")).rpartition(":")
+    if prefix != f"vault:v{version}" or not encoded:
+        return VaultMisconfigured(f"Vault signed with {prefix or 'no version'}, not v{version}")
+    return encoded
 
 
 @attrs.frozen
@@ -249,6 +307,7 @@ class VaultTransitSigner(Service):
         self._refreshing = LoopingCall(lambda: ensureDeferred(self._refresh_quietly()))
         self._refreshing.clock = clock
         self._last_misconfiguration_log = -1e18
+        self._batch: Optional[SignBatch] = None
         if options.token is not None:
             log.warn("vault.token is a literal token in the config: use token_file or kubernetes_auth in production")
 
@@ -262,6 +321,8 @@ class VaultTransitSigner(Service):
         Service.stopService(self)
         if self._refreshing.running:
             self._refreshing.stop()
+        # Signs already waiting are sent rather than dropped.
+        self._flush()
         self.auth.cancel()
         return close_http_client(self.client)  # type: ignore[no-any-return]
 
@@ -296,15 +357,19 @@ class VaultTransitSigner(Service):
         if code == 403 and await self.auth.refused():
             code, answer = await self.call(method, path, body, await self.auth.token())
         if code == 403:
-            self.misconfigured(f"Vault refused jwtlet's token for {path} (permission denied)")
+            raise self.misconfigured(f"Vault refused jwtlet's token for {path} (permission denied)")
         return code, answer
 
-    def misconfigured(self, message: str) -> None:
+    def misconfigured(self, message: str) -> VaultMisconfigured:
+        return self.noted(VaultMisconfigured(message))
+
+    def noted(self, error: VaultMisconfigured) -> VaultMisconfigured:
+        """``error``, logged at most once a minute: a misconfiguration repeats on every exchange."""
         now = self.clock.seconds()
         if now - self._last_misconfiguration_log >= MISCONFIGURATION_LOG_INTERVAL:
             self._last_misconfiguration_log = now
-            log.error("{message}", message=message)
-        raise VaultMisconfigured(message)
+            log.error("{message}", message=str(error))
+        return error
 
     # -- keys -----------------------------------------------------------------------------
 
@@ -318,7 +383,7 @@ class VaultTransitSigner(Service):
             code, body = await self.authenticated("POST", self.key_path, {"type": self.options.key_type})
             log.info("created transit key {name} ({type})", name=self.options.key_name, type=self.options.key_type)
         if code != 200:
-            self.misconfigured(f"cannot read transit key {self.options.key_name} (HTTP {code})")
+            raise self.misconfigured(f"cannot read transit key {self.options.key_name} (HTTP {code})")
         data = body.get("data") or {}
         self.key_type = str(data.get("type", self.options.key_type))
         self.algorithm = algorithm_for(self.key_type, self.options.rsa_algorithm)
@@ -326,7 +391,8 @@ class VaultTransitSigner(Service):
             self.min_encryption_version = int(data.get("min_encryption_version") or 0)
             self.observe({int(v): entry for v, entry in (data.get("keys") or {}).items()})
         except (AttributeError, KeyError, TypeError, ValueError, JWException):
-            self.misconfigured(f"transit key {self.options.key_name}: Vault's key metadata is unreadable")
+            message = f"transit key {self.options.key_name}: Vault's key metadata is unreadable"
+            raise self.misconfigured(message) from None
 
     def observe(self, published: Mapping[int, Mapping[str, Any]]) -> None:
         """Replace the versions we know with what Vault publishes now (``keys`` of a key read)."""
@@ -369,18 +435,62 @@ class VaultTransitSigner(Service):
             raise DependencyUnavailable("no transit key version may sign yet")
         protected = dict(header, alg=self.algorithm, kid=self.kid(version.version))
         signing_input = f"{base64url_encode(json_encode(protected))}.{base64url_encode(json_encode(claims))}"
-        request = {"input": base64.b64encode(signing_input.encode()).decode(), "key_version": version.version}
-        request.update(sign_parameters(self.key_type, self.options.rsa_algorithm))
+        signature = await self._signature(version.version, signing_input)
+        return f"{signing_input}.{signature}"
+
+    # -- batching ---------------------------------------------------------------------------
+
+    def _signature(self, version: int, signing_input: str) -> Deferred[str]:
+        """The JWS signature of ``signing_input``, from the batch it joins."""
+        batch = self._batch
+        if batch is not None and batch.version != version:
+            # The signing version changes only when a new one takes over:
+            # what waits was decided under the old one and goes as it is.
+            self._flush()
+            batch = None
+        if batch is None:
+            batch = self._batch = SignBatch(version)
+            if self.options.batch_window > 0:
+                batch.timer = self.clock.callLater(self.options.batch_window, self._flush)
+        waiter: Deferred[str] = Deferred()
+        batch.inputs.append(signing_input)
+        batch.waiters.append(waiter)
+        if batch.timer is None or len(batch.inputs) >= self.options.batch_max:
+            self._flush()
+        return waiter
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        if batch.timer is not None and batch.timer.active():
+            batch.timer.cancel()
+        ensureDeferred(self._send(batch))
+
+    async def _send(self, batch: SignBatch) -> None:
+        try:
+            outcomes = await self._sign_batch(batch)
+        except Exception as error:  # an outage or a refusal of the whole request: every sign in it fails
+            for waiter in batch.waiters:
+                waiter.errback(error)
+            return
+        for waiter, outcome in zip(batch.waiters, outcomes, strict=True):
+            if isinstance(outcome, VaultMisconfigured):
+                waiter.errback(self.noted(outcome))
+            else:
+                waiter.callback(outcome)
+
+    async def _sign_batch(self, batch: SignBatch) -> list[Union[str, VaultMisconfigured]]:
+        request = batch_request(batch.version, batch.inputs, sign_parameters(self.key_type, self.options.rsa_algorithm))
         code, body = await self.authenticated(
             "POST", f"/v1/{self.options.mount}/sign/{self.options.key_name}", request)
         if code != 200:
-            errors = body.get("errors") if isinstance(body, dict) else None
-            self.misconfigured(f"transit sign refused (HTTP {code}: {'; '.join(map(str, errors or []))})")
-        signature = str((body.get("data") or {}).get("signature", ""))
-        prefix, _, encoded = signature.rpartition(":")
-        if prefix != f"vault:v{version.version}" or not encoded:
-            raise VaultMisconfigured(f"Vault signed with {prefix or 'no version'}, not v{version.version}")
-        return f"{signing_input}.{encoded}"
+            errors = body.get("errors")
+            raise self.misconfigured(f"transit sign refused (HTTP {code}: {'; '.join(map(str, errors or []))})")
+        try:
+            return batch_outcomes(batch.version, len(batch.inputs), body.get("data"))
+        except VaultMisconfigured as error:
+            raise self.noted(error) from None
 
     def public_jwks(self) -> Deferred[dict[str, Any]]:
         return ensureDeferred(self._public_jwks())
@@ -406,7 +516,13 @@ class VaultTransitSigner(Service):
 
 _OPTIONS = frozenset({"url", "token_file", "token", "kubernetes_auth", "mount", "key_name", "create_key", "key_type",
                       "rsa_algorithm", "key_refresh_secs", "publish_before_use_secs", "timeout_secs", "ca_file",
-                      "type"})
+                      "batch_max", "batch_window_ms", "type"})
+#: Vault's listener refuses a JSON body with more than 1,000 strings by
+#: default (``max_request_json_strings``, names included): each batch item
+#: carries four, so OpenBao refuses PS256 batches past 247 items.
+BATCH_MAX_LIMIT = 200
+#: Every sign may wait this long for company: past a second it is an outage of our own making.
+BATCH_WINDOW_MS_LIMIT = 1000
 
 
 def url_problem(url: Any, dev: bool) -> Optional[str]:
@@ -424,13 +540,18 @@ def url_problem(url: Any, dev: bool) -> Optional[str]:
     return f"url: {message}" if message else None
 
 
-def _number(raw: Mapping[str, Any], key: str, default: float, minimum: float, problems: list[str]) -> float:
-    """A number option of at least ``minimum``; absent or null: ``default``."""
+def _number(raw: Mapping[str, Any], key: str, default: float, minimum: float, problems: list[str],
+            maximum: Optional[float] = None, integer: bool = False) -> float:
+    """A number option from ``minimum`` (to ``maximum``); absent or null: ``default``."""
     value = raw.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        problems.append(f"{key}: must be a number of at least {minimum:g}")
+    kinds = (int,) if integer else (int, float)
+    if (isinstance(value, bool) or not isinstance(value, kinds) or value < minimum
+            or (maximum is not None and value > maximum)):
+        kind = "an integer" if integer else "a number"
+        bounds = f"from {minimum:g} to {maximum:g}" if maximum is not None else f"of at least {minimum:g}"
+        problems.append(f"{key}: must be {kind} {bounds}")
         return default
     return float(value)
 
@@ -465,6 +586,8 @@ def parse_options(raw: Mapping[str, Any], dev: bool) -> VaultOptions:
     # each has had the new version in its JWKS for a full interval.
     publish_before_use = _number(raw, "publish_before_use_secs", 2 * refresh, 0, problems)
     timeout = _number(raw, "timeout_secs", 5.0, 0.1, problems)
+    batch_max = _number(raw, "batch_max", 32, 1, problems, BATCH_MAX_LIMIT, integer=True)
+    batch_window_ms = _number(raw, "batch_window_ms", 2, 0, problems, BATCH_WINDOW_MS_LIMIT)
     create_key = raw.get("create_key", True)
     if not isinstance(create_key, bool):
         problems.append("create_key: must be true or false")
@@ -478,7 +601,7 @@ def parse_options(raw: Mapping[str, Any], dev: bool) -> VaultOptions:
         token=raw.get("token"), token_file=raw.get("token_file"), kubernetes_role=role, kubernetes_mount=mount,
         kubernetes_jwt_file=jwt_file, create_key=create_key, key_type=key_type, rsa_algorithm=rsa_algorithm,
         ca_file=raw.get("ca_file"), key_refresh_secs=refresh, publish_before_use_secs=publish_before_use,
-        timeout_secs=timeout,
+        timeout_secs=timeout, batch_max=int(batch_max), batch_window=batch_window_ms / 1000,
     )
 
 

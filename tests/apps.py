@@ -12,17 +12,18 @@ import attrs
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
+from jwtlet import config as configuration
 from jwtlet import keys
-from jwtlet.config import schema as configuration
-from jwtlet.daemon.wiring import Providers, build_apis
+from jwtlet.daemon.plugins import Providers
+from jwtlet.daemon.wiring import build_apis
 from jwtlet.discovery import build, discover
 from jwtlet.interfaces import PluginContext
 from jwtlet.metrics import Metrics
+from jwtlet.providers import Store, adapt
 from jwtlet.testing.fakes import StaticValidator, service_account
-from jwtlet.web import management_api as management
-from jwtlet.web import token_api as exchange
-from jwtlet.web.common import BodyLimits, DrainingSite
+from jwtlet.web import management_api, token_api
 from jwtlet.web.management_api import ManagementAPI
+from jwtlet.web.server import BodyLimits, DrainingSite
 from jwtlet.web.token_api import TokenExchangeAPI
 
 CLIENT_AUDIENCE = "https://kubernetes.test"
@@ -56,7 +57,7 @@ class Apps:
     token: StubTreq
     management: StubTreq
 
-    def store(self) -> Any:
+    def store(self) -> Store:
         return self.providers.store
 
 
@@ -75,22 +76,21 @@ def make_apps(tmp_path: Path, overrides: Optional[dict[str, Any]] = None) -> App
     providers = Providers(
         store=build(discovered, "store", config.storage_backend, context),
         signer=build(discovered, "signer", config.signer, context),
-        validator=validator,
+        validator=adapt("validator", validator),
     )
     for identity in (ADMIN, READER, WRITER, WORKLOAD):
         validator.add(f"token-{identity.name}", identity, CLIENT_AUDIENCE)
     metrics = Metrics()
     apis = build_apis(config, providers, clock, metrics, random_bytes=lambda n: bytes(range(n)))
-    token_api, management_api = apis.token_api, apis.management_api
     return Apps(
         clock=clock,
         validator=validator,
         providers=providers,
         metrics=metrics,
-        token_api=token_api,
-        management_api=management_api,
-        token=served(token_api.app.resource(), exchange.BODY_LIMITS),
-        management=served(management_api.app.resource(), BodyLimits(management.MAX_BODY)),
+        token_api=apis.token_api,
+        management_api=apis.management_api,
+        token=served(apis.token_api.app.resource(), token_api.BODY_LIMITS),
+        management=served(apis.management_api.app.resource(), BodyLimits(management_api.MAX_BODY)),
     )
 
 

@@ -7,8 +7,10 @@ from typing import AsyncIterator
 
 import pytest
 import pytest_twisted
-from k8s_fixtures import Cluster, start_cluster, stopping
+from k8s_fixtures import Cluster, memory_cluster
+from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.web.client import Agent
 
 
 @pytest.fixture
@@ -19,20 +21,27 @@ def clock() -> Clock:
     return clock
 
 
-@pytest_twisted.async_yield_fixture
-async def cluster(clock: Clock) -> AsyncIterator[Cluster]:
-    """The fake Kubernetes API server on loopback, with the service account ns/app."""
-    async for running in stopping(await start_cluster(clock)):
-        running.fake.add_service_account("ns", "app")
-        yield running
+@pytest.fixture
+def cluster(clock: Clock) -> Cluster:
+    """
+    The fake Kubernetes API server in memory, with the service account ns/app.
+    Requests to any other origin go over real HTTP: some attack tests serve
+    hostile issuers on loopback themselves.  (Its agent keeps no connections,
+    so there is nothing to close.)
+    """
+    running = memory_cluster(clock, fallback=Agent(reactor))
+    running.fake.add_service_account("ns", "app")
+    return running
 
 
 @pytest_twisted.async_yield_fixture(autouse=True)
 async def fresh_global_http_pool() -> AsyncIterator[None]:
     """
-    Forget treq's cached connections after each test: a daemon started later
-    may get the port of one that has gone, and a kept-alive socket to the
-    old one would be reused.
+    Forget treq's cached connections after each test.  Only tests that call
+    treq's module-level functions over real sockets (the end-to-end and
+    daemon tests) fill that global pool; a daemon started later may get the
+    port of one that has gone, and a kept-alive socket to the old one would
+    be reused.  In-memory tests never touch it.
     """
     yield
     from treq.api import get_global_pool

@@ -1,27 +1,38 @@
-"""Serving the fake Kubernetes API server on loopback for validator tests."""
+"""
+The fake Kubernetes API server for validator tests: in memory for unit tests
+(no socket, no global reactor), on loopback for end-to-end tests.
+"""
 
 from __future__ import annotations
 
 import types
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional, Union
 
+import attrs
+from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.web.iweb import IAgent
 
+from jwtlet.config.schema import Config, K8sConfig, PluginSection, TokenConfig
 from jwtlet.outbound import build_http_client, close_http_client
 from jwtlet.testing.kubernetes import FakeKubernetes
 from jwtlet.testing.loopback import LoopbackServer, serve
+from jwtlet.testing.memory import MemoryNetwork, MemoryServer
 
 CLIENT_AUDIENCE = "jwtlet-test"
+#: Where the in-memory API server answers (and its issuer): https, as in a cluster.
+MEMORY_URL = "https://kubernetes.test"
+OWN_TOKEN = "jwtlet-own-token"
 
 
+@attrs.define
 class Cluster:
-    """A fake API server on a loopback port, with a client pool to reach it."""
+    """A fake API server, served somewhere, with a client that reaches it."""
 
-    def __init__(self, fake: FakeKubernetes, server: LoopbackServer, client: Any):
-        self.fake = fake
-        self.server = server
-        self.client = client
+    fake: FakeKubernetes
+    server: Union[LoopbackServer, MemoryServer]
+    client: HTTPClient
 
     @property
     def url(self) -> str:
@@ -33,25 +44,65 @@ class Cluster:
 
 
 async def start_cluster(clock: Any = None) -> Cluster:
+    """The fake on a loopback port, over real HTTP: for end-to-end tests and the daemon."""
     fake = FakeKubernetes(clock=clock)
-    server = await serve(reactor, fake.app.resource())
+    server = await serve(reactor, fake.resource())
     fake.url = server.url
     fake.issuer = server.url
     return Cluster(fake, server, build_http_client(reactor))
 
 
+def memory_cluster(clock: Any, fallback: Optional[IAgent] = None) -> Cluster:
+    """
+    The fake in memory at :data:`MEMORY_URL`; requests to other origins go to
+    ``fallback`` if given, else fail as an unknown host does.
+    """
+    fake = FakeKubernetes(clock=clock, issuer=MEMORY_URL, url=MEMORY_URL)
+    network = MemoryNetwork(fallback=fallback)
+    server = network.serve(MEMORY_URL, fake.resource())
+    return Cluster(fake, server, network.client())
+
+
+def own_token_file(tmp_path: Path) -> Path:
+    """jwtlet's own service-account token, as the API server's caller (the fake accepts it)."""
+    path = tmp_path / "own-token"
+    path.write_text(OWN_TOKEN)
+    return path
+
+
+def jwtlet_config(validator: str, k8s: K8sConfig = K8sConfig(), dev: bool = False, max_age: int = 86400) -> Config:
+    """A whole configuration, as the daemon hands it to plugins."""
+    return Config(
+        issuer="https://jwtlet.test",
+        token=TokenConfig(client_audience=CLIENT_AUDIENCE, audience="downstream",
+                          max_subject_token_age_secs=max_age),
+        storage_backend=PluginSection("memory"),
+        validator=PluginSection(validator),
+        signer=PluginSection("local-key"),
+        k8s=k8s,
+        dev=dev,
+    )
+
+
+def k8s_config(tmp_path: Path, cluster: Cluster, dev: bool = False, max_age: int = 86400, **k8s: Any) -> Config:
+    """A configuration whose ``k8s`` table points at ``cluster``; ``k8s`` overrides that table."""
+    settings = {"api_server_url": cluster.url, "token_file": str(own_token_file(tmp_path)),
+                "ca_file": str(tmp_path / "no-ca"), "cluster_issuer": cluster.fake.issuer}
+    settings.update(k8s)
+    return jwtlet_config("kubernetes-tokenreview", K8sConfig(**settings), dev, max_age)
+
+
 def plugin_context(tmp_path: Path, cluster: Cluster, clock: Any = None, dev: bool = False,
                    max_age: int = 86400, **k8s: Any) -> types.SimpleNamespace:
-    """What a validator factory gets from the daemon; ``k8s`` overrides the ``k8s`` table."""
-    own_token = tmp_path / "own-token"
-    own_token.write_text("jwtlet-own-token")
-    settings = {"api_server_url": cluster.url, "token_file": str(own_token), "ca_file": str(tmp_path / "no-ca"),
-                "cluster_issuer": cluster.fake.issuer}
-    settings.update(k8s)
-    config = types.SimpleNamespace(k8s=types.SimpleNamespace(**settings), dev=dev,
-                                   token=types.SimpleNamespace(max_subject_token_age_secs=max_age))
+    """
+    What a validator factory gets from the daemon; ``k8s`` overrides the
+    ``k8s`` table.  A namespace rather than the frozen ``PluginContext``:
+    some attack tests swap ``http_client`` for a recording one after
+    building it.
+    """
     return types.SimpleNamespace(reactor=clock or reactor, clock=clock or reactor, http_client=cluster.client,
-                                 config=config, data_dir=tmp_path)
+                                 config=k8s_config(tmp_path, cluster, dev, max_age, **k8s), data_dir=tmp_path,
+                                 store=None, metrics=None, check_only=False)
 
 
 async def stopping(cluster: Cluster) -> AsyncIterator[Cluster]:
@@ -59,4 +110,3 @@ async def stopping(cluster: Cluster) -> AsyncIterator[Cluster]:
         yield cluster
     finally:
         await cluster.stop()
-

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jwt as pyjwt
 import pytest
 from apps import Apps, Reply, call, make_apps
 from twisted.internet.defer import fail
+from twisted.logger import globalLogPublisher
 
 from jwtlet import policy
 from jwtlet.apikeys import keys as apikeys
@@ -99,15 +100,9 @@ def test_bad_bodies_profiles_and_methods(apps: Apps) -> None:
     assert wrong.code == 405 and wrong.header("Allow") == "POST"
 
 
-def test_a_store_outage_is_503_never_401(apps: Apps) -> None:
+def test_a_store_outage_is_503_never_401(apps: Apps, monkeypatch: pytest.MonkeyPatch) -> None:
     key = new_key(apps)
-
-    class DownStore:
-        def get_api_key(self, *_: Any) -> Any:
-            return fail(DependencyUnavailable("db down"))
-
-    assert apps.token_api.api_keys is not None
-    apps.token_api.api_keys.verifier.store = DownStore()
+    monkeypatch.setattr(type(apps.store().provider), "get_api_key", lambda *_: fail(DependencyUnavailable("db down")))
     reply = v0(apps, "integration", {"api_key": key})
     assert (reply.code, reply.json()["error"]) == (503, "temporarily_unavailable")
     assert reply.header("Retry-After") == "5"
@@ -174,3 +169,50 @@ def test_a_flood_of_bad_keys_does_not_spend_the_global_budget_of_good_ones(tmp_p
     for attempt in range(50):
         assert v0(apps, "integration", {"api_key": f"jwtk.acme.k1.forged{attempt}"}).code == 401
     assert v0(apps, "integration", {"api_key": key}).code == 200
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+def decisions(events: list[dict[str, Any]]) -> list[tuple[str, Any, Any]]:
+    return [(e["jwtlet_event"], e.get("client"), e.get("error")) for e in events
+            if e.get("jwtlet_event") in ("token.issued", "token.refused")]
+
+
+def test_a_key_spraying_client_is_limited_per_key_like_any_other_client(tmp_path: Path) -> None:
+    """One valid key hammered past the per-client limit: 429 with Retry-After, on both routes alike."""
+    apps = make_apps(tmp_path, {**PROFILES, "rate_limits": {"per_client_per_sec": 1}})
+    key = new_key(apps)
+    assert v0(apps, "integration", {"api_key": key}).code == 200
+    limited = v0(apps, "integration", {"api_key": key})
+    assert (limited.code, limited.json(), limited.header("Retry-After")) == (429, {"error": "rate_limited"}, "1")
+    through_token = call(apps.token, "POST", f"{URL}/token", data={
+        "grant_type": policy.GRANT_TYPE_TOKEN_EXCHANGE, "subject_token": key,
+        "subject_token_type": policy.TOKEN_TYPE_API_KEY, "resource": "integration"})
+    assert (through_token.code, through_token.json()["error"]) == (429, "rate_limited")
+    assert through_token.header("Cache-Control") == "no-store"
+
+
+def test_key_exchanges_are_logged_and_counted_as_the_one_pipeline_does(apps: Apps, events: list[Any]) -> None:
+    """Issued and refused keys leave the same token.issued / token.refused events as any exchange, never the key."""
+    key = new_key(apps)
+    assert v0(apps, "integration", {"api_key": key}).code == 200
+    assert v0(apps, "integration", {"api_key": key + "x"}).code == 401
+    assert decisions(events) == [("token.issued", "apikey:acme:k1", None), ("token.refused", None, "invalid_grant")]
+    assert all(key not in repr(event) for event in events)
+    exposition = apps.metrics.exposition().decode()
+    assert 'jwtlet_apikey_exchanges_total{outcome="issued",profile="integration"} 1.0' in exposition
+    assert 'jwtlet_apikey_exchanges_total{outcome="refused",profile="integration"} 1.0' in exposition
+
+
+def test_an_unknown_profile_never_becomes_a_metric_label(apps: Apps) -> None:
+    """An attacker inventing profile names must not grow the metrics without bound."""
+    key = new_key(apps)
+    for index in range(5):
+        assert v0(apps, f"invented-{index}", {"api_key": key}).code == 404
+    assert "invented" not in apps.metrics.exposition().decode()

@@ -30,9 +30,10 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 
-from jwtlet.config import schema as configuration
+from jwtlet import config as configuration
 from jwtlet.discovery import discover
-from jwtlet.extauthz.decide import ExtAuthz, ExtAuthzParts, build_ext_authz
+from jwtlet.extauthz.build import ExtAuthzParts, build_ext_authz
+from jwtlet.extauthz.decide import ExtAuthz
 from jwtlet.extauthz.grpc_server import GrpcService
 from jwtlet.extauthz.http_front import ExtAuthzHTTP
 from jwtlet.interfaces import PluginContext

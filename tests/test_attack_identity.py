@@ -23,9 +23,10 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
+from jwtlet import config as configuration
 from jwtlet import keys, policy
-from jwtlet.config import schema as configuration
-from jwtlet.daemon.wiring import Providers, build_apis
+from jwtlet.daemon.plugins import Providers
+from jwtlet.daemon.wiring import build_apis
 from jwtlet.discovery import build, discover
 from jwtlet.interfaces import PluginConfigError, PluginContext
 from jwtlet.metrics import Metrics

@@ -23,8 +23,9 @@ from twisted.python.failure import Failure
 from jwtlet import policy
 from jwtlet.interfaces import DependencyUnavailable, TokenRejected
 from jwtlet.model import Identity, ResourceMapping
+from jwtlet.providers import adapt
 from jwtlet.testing.fakes import StaticValidator
-from jwtlet.web.management_api import MAX_REJECTED, REJECTED_TTL_SECS, RejectionCache
+from jwtlet.web.callers import MAX_REJECTED, REJECTED_TTL_SECS, RejectionCache
 
 URL = "http://jwtlet.test"
 SCOPE = {"scope": "smuggled", "claims": {"role": "admin"}}
@@ -178,7 +179,7 @@ def test_a_validator_outage_is_not_remembered_as_a_rejection(apps: Apps) -> None
 
 def test_a_thousand_distinct_garbage_tokens_keep_memory_bounded() -> None:
     validator = StaticValidator()
-    cache = RejectionCache(validator, Clock(), max_entries=100)
+    cache = RejectionCache(adapt("validator", validator), Clock(), max_entries=100)
     for index in range(1000):
         cache.validate(f"garbage-{index}", CLIENT_AUDIENCE).addErrback(lambda f: f.trap(TokenRejected))
     assert validator.calls == 1000
@@ -207,7 +208,7 @@ def outcomes(deferreds: list[Deferred[Identity]]) -> list[Any]:
 
 def test_a_burst_of_one_garbage_token_in_flight_at_once_is_one_validator_call() -> None:
     validator = PendingValidator()
-    cache = RejectionCache(validator, Clock())
+    cache = RejectionCache(adapt("validator", validator), Clock())
     burst = [cache.validate("garbage", CLIENT_AUDIENCE) for _ in range(50)]
     assert len(validator.calls) == 1
     results = outcomes(burst)
@@ -218,7 +219,7 @@ def test_a_burst_of_one_garbage_token_in_flight_at_once_is_one_validator_call() 
 
 def test_a_caller_who_goes_away_mid_validation_does_not_break_the_others() -> None:
     validator = PendingValidator()
-    cache = RejectionCache(validator, Clock())
+    cache = RejectionCache(adapt("validator", validator), Clock())
     gone, waiting = cache.validate("token", CLIENT_AUDIENCE), cache.validate("token", CLIENT_AUDIENCE)
     gone.addErrback(lambda f: None)
     gone.cancel()
@@ -230,7 +231,7 @@ def test_a_caller_who_goes_away_mid_validation_does_not_break_the_others() -> No
 
 def test_an_outage_answer_reaches_every_waiter_and_is_not_remembered() -> None:
     validator = PendingValidator()
-    cache = RejectionCache(validator, Clock())
+    cache = RejectionCache(adapt("validator", validator), Clock())
     results = outcomes([cache.validate("token", CLIENT_AUDIENCE) for _ in range(2)])
     validator.calls[0].errback(DependencyUnavailable("TokenReview timed out"))
     assert results == [DependencyUnavailable] * 2

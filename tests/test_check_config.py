@@ -6,6 +6,7 @@ endpoints; it lists every problem in one run and creates nothing.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ from twisted.internet.testing import MemoryReactorClock
 
 from jwtlet import keys
 from jwtlet.cli import main as cli
-from jwtlet.config.schema import ConfigError
-from jwtlet.daemon import wiring as daemon
+from jwtlet.config import ConfigError
+from jwtlet.daemon import wiring
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 
@@ -99,9 +100,9 @@ def test_endpoint_and_every_providers_problems_come_in_one_run(
 def test_the_daemon_reports_what_check_config_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, storage_backend={"type": "memory", "colour": "blue"}, management_endpoint="nonsense:1")
     _, lines = check(capsys, "--config", str(path))
-    config, discovered = daemon.load_checked(str(path), {})
+    config, discovered = wiring.load_checked(str(path), {})
     with pytest.raises(ConfigError) as raised:
-        daemon.make_service(config, discovered, MemoryReactorClock())
+        wiring.make_service(config, discovered, MemoryReactorClock())
     assert raised.value.problems == lines
 
 
@@ -111,7 +112,8 @@ def test_postgres_without_url_is_listed_with_the_other_problems(
     """Issue 14 #3: the missing url is not held back until the rest of the config is fixed."""
     path = write(tmp_path, issuer=None, storage_backend={"type": "postgres"})
     status, lines = check(capsys, "--config", str(path))
-    assert (status, lines) == (1, ["issuer: required", "storage_backend.url: required for the postgres store"])
+    assert (status, lines) == (1, ["issuer: required",
+                                   "storage_backend.url: required for the postgres store (a libpq URL)"])
 
 
 def test_local_key_options_left_in_a_vault_transit_signer_are_named_where_written(
@@ -140,3 +142,136 @@ def test_dev_refuses_a_grpc_listener_beyond_loopback(tmp_path: Path, capsys: pyt
     }}))
     status, lines = check(capsys, "--dev", "--data-dir", str(tmp_path / "dev"), "--config", str(extra))
     assert (status, lines) == (1, ["ext_authz.grpc_endpoint: --dev listens on loopback only"])
+
+
+HTTPS_ONLY = "must be https (http is allowed only for loopback hosts or with --dev)"
+
+
+def test_every_load_time_rule_is_listed_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """config.md's load-time rules, all broken at once: one run lists every one, each plugin's requirements too."""
+    path = tmp_path / "jwtlet.yaml"
+    path.write_text(yaml.safe_dump({
+        "issuer": "http://jwtlet.example",
+        "management_port": 8080,
+        "k8s": {"api_server_url": "http://kubernetes.example"},
+        "token": {"client_audience": "ca", "audience": "svc", "participant_context_claim": "iss",
+                  "token_ttl_secs": 0},
+        "storage_backend": {"type": "postgres"},
+        "validator": {"type": "kubernetes-magic"},
+        "signer": {"type": "vault-transit"},
+        "vault": {"token": "s.dev", "token_file": "/vault/token"},
+        "ext_authz": {"target_cluster": {"api_server_url": "https://mgmt.example", "expiration_secs": 60}},
+    }))
+    status, lines = check(capsys, "--config", str(path))
+    assert status == 1
+    assert lines[:7] == [
+        f"issuer: {HTTPS_ONLY}",
+        "management_port: must differ from token_exchange_port (8080)",
+        f"k8s.api_server_url: {HTTPS_ONLY}",
+        "token.participant_context_claim: 'iss' is a reserved claim name",
+        "token.token_ttl_secs: must be between 1 and 86400",
+        "ext_authz.target_cluster.expiration_secs: must be at least 600 (Kubernetes refuses less)",
+        "validator.type: no validator plugin named 'kubernetes-magic' "
+        "(found: api-key, kubernetes-oidc, kubernetes-tokenreview)",
+    ]
+    # The plugins' own requirements, reported by the plugins (their wording), in the same run.
+    assert any(line.startswith("storage_backend.url: required") for line in lines), lines
+    assert any(line.startswith("vault.url: required") for line in lines), lines
+    assert any(line.startswith("vault.") and "give exactly one" in line for line in lines), lines
+
+
+def test_a_tokenreview_validator_without_an_api_server_is_listed_with_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, issuer=None, validator={"type": "kubernetes-tokenreview"})
+    status, lines = check(capsys, "--config", str(path))
+    assert status == 1
+    assert lines[0] == "issuer: required"
+    assert lines[1].startswith("validator.api_server_url: required"), lines
+
+
+def test_a_plugins_http_api_server_is_listed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A TokenReview URL sending our service-account token in clear to a remote host is refused, at every place."""
+    path = write(
+        tmp_path,
+        validator={"type": "kubernetes-tokenreview", "api_server_url": "http://cluster.example:6444"},
+        ext_authz={"validator": {"type": "kubernetes-tokenreview", "api_server_url": "http://cluster.example:6445"},
+                   "target_cluster": {"api_server_url": "https://target.example"}},
+    )
+    status, lines = check(capsys, "--config", str(path))
+    assert status == 1
+    assert [line.split(":")[0] for line in lines] == ["validator.api_server_url", "ext_authz.validator.api_server_url"]
+    assert all("must be https" in line for line in lines), lines
+
+
+OWNED_TABLE_SIGNER = textwrap.dedent(
+    '''
+    from twisted.internet.defer import succeed
+    from twisted.plugin import IPlugin
+    from zope.interface import implementer
+
+    from jwtlet.interfaces import ISigner, ISignerFactory, PluginConfigError
+
+
+    @implementer(ISigner)
+    class NullSigner:
+        algorithm = "EdDSA"
+
+        def sign(self, header, claims):
+            return succeed("")
+
+        def public_jwks(self):
+            return succeed({"keys": []})
+
+
+    @implementer(IPlugin, ISignerFactory)
+    class HsmSignerFactory:
+        name = "hsm-test"
+        description = "a signer whose options live in a top-level table (tests)"
+        table = "hsm"
+
+        def build(self, options, context):
+            unknown = sorted(set(options) - {"slot"})
+            if unknown or "slot" not in options:
+                raise PluginConfigError(*(f"{k}: unknown key" for k in unknown),
+                                        *(["slot: required"] if "slot" not in options else []))
+            return NullSigner()
+
+
+    hsm_test = HsmSignerFactory()
+    '''
+)
+
+
+def test_a_plugin_owning_a_top_level_table_is_the_default_and_reads_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    Generic ownership (what vault-transit does with `vault`): the table names its plugin the default signer,
+    the plugin gets the table's options with its section's on top, and each problem is named where it was written.
+    """
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "hsm_test_signer.py").write_text(OWNED_TABLE_SIGNER)
+    good = write(tmp_path, plugin_dirs=[str(plugins)], signer=None, hsm={"slot": 1})
+    assert check(capsys, "--config", str(good)) == (0, ["configuration OK"])
+    config, _ = wiring.load_checked(str(good), {})
+    assert config.signer.type == "hsm-test"
+    bad = write(tmp_path, plugin_dirs=[str(plugins)], signer={"type": "hsm-test", "pin": "1234"},
+                hsm={"colour": "blue"})
+    status, lines = check(capsys, "--config", str(bad))
+    assert status == 1
+    assert sorted(lines) == ["hsm.colour: unknown key", "hsm.slot: required", "signer.pin: unknown key"]
+
+
+def test_dev_beyond_loopback_is_said_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both listeners are made of `bind`: the problem is `bind`'s, not repeated for each endpoint."""
+    monkeypatch.setenv("JWTLET__BIND", "0.0.0.0")  # noqa: S104 - the address under test
+    status, lines = check(capsys, "--dev", "--data-dir", str(tmp_path / "dev"))
+    assert (status, lines) == (1, ["bind: --dev listens on loopback only, not 0.0.0.0"])
+    monkeypatch.setenv("JWTLET__BIND", "127.0.0.1")
+    monkeypatch.setenv("JWTLET__MANAGEMENT_ENDPOINT", "tcp:8081:interface=0.0.0.0")
+    assert check(capsys, "--dev", "--data-dir", str(tmp_path / "dev")) == (
+        1, ["management_endpoint: --dev listens on loopback only"])

@@ -11,7 +11,7 @@ import pytest
 
 from jwtlet import keys
 from jwtlet.cli import main as cli
-from jwtlet.config.schema import DEV_ISSUER, DEV_ISSUER_JWKS
+from jwtlet.daemon import dev
 
 
 def test_check_config_lists_every_problem_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -52,8 +52,8 @@ def test_keygen_writes_a_private_jwk_once(tmp_path: Path, algorithm: str, capsys
 def test_dev_token_is_signed_by_the_dev_issuer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["dev-token", "default:demo", "--data-dir", str(tmp_path), "--ttl", "60"]) == 0
     token = capsys.readouterr().out.strip()
-    (key,) = json.loads((tmp_path / DEV_ISSUER_JWKS).read_text())["keys"]
+    (key,) = json.loads((tmp_path / dev.ISSUER_JWKS).read_text())["keys"]
     claims = pyjwt.decode(token, pyjwt.PyJWK.from_dict(key), algorithms=["ES256"], audience="jwtlet-dev")
-    assert claims["iss"] == DEV_ISSUER and claims["sub"] == "system:serviceaccount:default:demo"
+    assert claims["iss"] == dev.ISSUER and claims["sub"] == "system:serviceaccount:default:demo"
     assert claims["exp"] - claims["iat"] == 60
     assert cli.main(["dev-token", "no-colon"]) == 2

@@ -20,8 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from jwtlet.config.schema import dev_defaults
-from jwtlet.daemon import dev as devissuer
+from jwtlet.daemon import dev
 from jwtlet.testing.process import DaemonProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -29,11 +28,11 @@ GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 
 def write_config(tmp_path: Path, url: str) -> Path:
-    devissuer.ensure(tmp_path)
+    dev.ensure(tmp_path)
     config = {
         "issuer": "http://127.0.0.1:8080",
         "storage_backend": {"type": "postgres", "url": url, "pool": {"max_connections": 4}},
-        "validator": dev_defaults(tmp_path)["validator"],
+        "validator": dev.defaults(tmp_path)["validator"],
         "token": {"client_audience": "jwtlet-dev", "audience": "svc"},
         "signer": {"type": "local-key", "key_file": str(tmp_path / "signing.jwk"), "generate": True},
         "service_accounts": {"system:serviceaccount:ops:admin": ["management:write"]},
@@ -44,7 +43,7 @@ def write_config(tmp_path: Path, url: str) -> Path:
 
 
 async def exchange_code(daemon: DaemonProcess, tmp_path: Path) -> int:
-    subject = devissuer.mint(tmp_path, "apps", "web", int(time.time()))
+    subject = dev.mint(tmp_path, "apps", "web", int(time.time()))
     response = await treq.post(f"{daemon.token_url}/token", data={
         "grant_type": GRANT, "subject_token": subject, "resource": "shared-ctx"})
     await response.content()
@@ -59,7 +58,7 @@ async def test_two_replicas_share_one_database(tmp_path: Path, postgres_url: str
     try:
         await deferToThread(one.wait_listening)
         await deferToThread(two.wait_listening)
-        admin = {"Authorization": f"Bearer {devissuer.mint(tmp_path, 'ops', 'admin', int(time.time()))}"}
+        admin = {"Authorization": f"Bearer {dev.mint(tmp_path, 'ops', 'admin', int(time.time()))}"}
         mapping = {"clientIdentifier": "system:serviceaccount:apps:web", "participantContext": "shared-ctx",
                    "scopes": []}
         response = await treq.post(f"{one.management_url}/api/v1/mappings", headers=admin, json=mapping)

@@ -29,6 +29,7 @@ from jwtlet.metrics import Metrics
 from jwtlet.model import Identity
 from jwtlet.outbound import TokenFile, build_http_client, close_http_client
 from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
+from jwtlet.providers import adapt
 from jwtlet.testing.envoy import check_request, http_check
 from jwtlet.testing.loopback import serve
 
@@ -39,7 +40,7 @@ class Front:
     def __init__(self, workload: Cluster, target: Cluster, clock: Any, tmp_path: Path):
         self.workload, self.target = workload, target
         self.metrics = Metrics()
-        validator = kubernetes_tokenreview.build({}, plugin_context(tmp_path, workload, clock))
+        validator = adapt("validator", kubernetes_tokenreview.build({}, plugin_context(tmp_path, workload, clock)))
         own = tmp_path / "target-token"
         own.write_text("jwtlet-own-token")
         self.client = TokenRequestClient(target.url, TokenFile(own), target.client, clock,
@@ -172,7 +173,7 @@ def test_grpc_binds_loopback_unless_told_otherwise() -> None:
 
 
 def test_jwt_exchange_needs_a_participant_context() -> None:
-    exchange = JwtExchange(issuer=None)  # type: ignore[arg-type]
+    exchange = JwtExchange(pipeline=None)  # type: ignore[arg-type]
     result: list[Any] = []
     from twisted.internet.defer import ensureDeferred
 

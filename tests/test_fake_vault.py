@@ -113,3 +113,35 @@ async def test_each_version_carries_its_creation_time_as_vault_writes_it(vault: 
     created = [keys[str(version)]["creation_time"] for version in range(1, 5)]
     assert created[:3] == ["2024-05-01T10:00:00.5Z", "2024-05-01T10:00:00.75Z", "2024-05-01T10:01:00Z"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{0,8}[1-9])?Z", created[3]), created[3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_hvac_batch_sign_is_200_with_every_items_own_result_in_order(vault: RunningVault) -> None:
+    """As OpenBao answers (tests/test_openbao.py compares the two): failed items do not fail the request."""
+    def scenario() -> tuple[Any, Any, list[type[Exception]]]:
+        transit = client(vault).secrets.transit
+        transit.create_key("jwt", key_type="ed25519")
+        mixed = transit.sign_data("jwt", key_version=1, marshaling_algorithm="jws", batch_input=[
+            {"input": "aGk=", "reference": "a"}, {"input": "!!"}, {"context": "eA=="}, {"input": None}])
+        too_new = transit.sign_data("jwt", key_version=2, batch_input=[{"input": "aGk="}])
+        raised = []
+        for batch in ([], "aGk=", [{"input": True}]):
+            try:
+                transit.sign_data("jwt", batch_input=batch)
+            except Exception as error:
+                raised.append(type(error))
+        return mixed, too_new, raised
+
+    mixed, too_new, raised = await deferToThread(scenario)
+    signed, undecodable, missing, null = mixed["data"]["batch_results"]
+    assert signed["signature"].startswith("vault:v1:") and "=" not in signed["signature"]
+    assert (signed["key_version"], signed["reference"]) == (1, "a")
+    assert undecodable["error"].startswith("unable to decode input as base64: ")
+    assert {k: v for k, v in undecodable.items() if k != "error"} == {"key_version": 0, "reference": ""}
+    assert missing == {"key_version": 0, "error": "missing input", "reference": ""}
+    assert null["key_version"] == 1, "null is an empty input, which signs"
+    assert too_new["data"]["batch_results"] == [
+        {"key_version": 0, "error": "requested version for signing is higher than the latest key version",
+         "reference": ""}]
+    assert raised == [hvac.exceptions.InvalidRequest, hvac.exceptions.InternalServerError,
+                      hvac.exceptions.InternalServerError]

@@ -17,8 +17,8 @@ from apps import Apps, Reply, call, make_apps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jwtlet.config import schema as config
-from jwtlet.config.schema import ConfigError
+from jwtlet import config
+from jwtlet.config import ConfigError
 from jwtlet.model import ResourceMapping, ScopeMapping
 
 URL = "http://jwtlet.test"

@@ -389,15 +389,16 @@ def test_plaintext_issuer_and_jwks_uri_are_config_errors(tmp_path: Path, cluster
     with pytest.raises(PluginConfigError) as raised:
         kubernetes_oidc.build(options, plugin_context(tmp_path, cluster))
     assert raised.value.messages == (
-        "issuers[0].issuer: must be https (http only to a loopback host or with --dev)",
-        "issuers[1].jwks_uri: must be https (http only to a loopback host or with --dev)",
+        "issuers[0].issuer: must be https (http is allowed only for loopback hosts or with --dev)",
+        "issuers[1].jwks_uri: must be https (http is allowed only for loopback hosts or with --dev)",
     )
     kubernetes_oidc.build(options, plugin_context(tmp_path, cluster, dev=True))
     kubernetes_oidc.build({"issuers": [{"issuer": "http://127.0.0.1:6443", "jwks_uri": "http://[::1]:6443/jwks"}]},
                           plugin_context(tmp_path, cluster))
     with pytest.raises(PluginConfigError) as raised:
         kubernetes_tokenreview.build({"api_server_url": "http://kubernetes.example"}, plugin_context(tmp_path, cluster))
-    assert raised.value.messages == ("api_server_url: must be https (http only to a loopback host or with --dev)",)
+    assert raised.value.messages == (
+        "api_server_url: must be https (http is allowed only for loopback hosts or with --dev)",)
 
 
 @attrs.define

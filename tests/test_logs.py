@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel
+from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
+from jwtlet import logs
 from jwtlet.logs import LineObserver, LogSettings, emit, observer, to_json, to_text
 
 
@@ -94,11 +96,34 @@ def test_events_of_twisted_itself_keep_their_message_in_text() -> None:
     assert to_text(events[0]).split(" ", 1)[1] == 'info twisted.web message="Starting factory f" name=f'
 
 
+class Reactor(RunningClock):
+    """Enough of a reactor for the observer: it turns and has shutdown triggers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list[tuple[str, str, object]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, callable: object) -> None:  # noqa: N802
+        self.triggers.append((phase, event, callable))
+
+
 def test_logging_format_text_writes_key_value_audit_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("jwtlet.logs._settings", LogSettings(format="text", logfile=str(tmp_path / "log")))
     monkeypatch.setattr("jwtlet.logs.isInIOThread", lambda: False)
-    observe = observer()
+    observe = observer(LogSettings(format="text", logfile=str(tmp_path / "log")), Reactor())
     observe(audit_event(actor="admin", clientIdentifier="c", outcome="error", error="temporarily_unavailable"))
     written = (tmp_path / "log").read_text()
     assert written.endswith(" info mapping.created actor=admin clientIdentifier=c outcome=error "
                             "error=temporarily_unavailable\n")
+
+
+def test_two_daemons_in_one_process_log_with_their_own_settings(tmp_path: Path) -> None:
+    """Settings travel with each application: installing one never changes another's format or file."""
+    applications = [Componentized(), Componentized()]
+    stopped = Reactor()
+    stopped.running = False  # lines are written at once
+    logs.install(applications[0], LogSettings(format="json", logfile=str(tmp_path / "a.log")), stopped)
+    logs.install(applications[1], LogSettings(format="text", logfile=str(tmp_path / "b.log")), stopped)
+    for application in applications:
+        application.getComponent(ILogObserver)(audit_event(actor="admin", clientIdentifier="c", outcome="success"))
+    assert json.loads((tmp_path / "a.log").read_text())["actor"] == "admin"
+    assert " mapping.created actor=admin " in (tmp_path / "b.log").read_text()

@@ -10,30 +10,27 @@ import io
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import pytest_twisted
 import yaml
 
-import jwtlet.plugins
 from jwtlet.cli.main import command_plugins, parser
-from jwtlet.daemon.wiring import load_checked, signer_section
-from jwtlet.discovery import build
+from jwtlet.daemon.plugins import build_provider
+from jwtlet.daemon.wiring import load_checked
 from jwtlet.interfaces import PluginConfigError, PluginContext
-from jwtlet.testing.signer_conformance import assert_signer_conforms
+from jwtlet.testing.conformance.signer import assert_signer_conforms
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "plugins" / "seeded_ed25519_signer.py"
 
 
 @pytest.fixture
-def plugin_dir(tmp_path: Path) -> Iterator[Path]:
+def plugin_dir(tmp_path: Path) -> Path:
+    """A ``plugin_dirs`` directory holding the example (discovery leaves no trace of it behind)."""
     directory = tmp_path / "my-plugins"
     directory.mkdir()
     shutil.copy(EXAMPLE, directory / EXAMPLE.name)
-    yield directory
-    path = jwtlet.plugins.__path__
-    path[:] = [entry for entry in path if entry != str(directory.resolve())]
+    return directory
 
 
 def write_config(tmp_path: Path, plugin_dir: Path, seed: bytes) -> Path:
@@ -54,7 +51,7 @@ def write_config(tmp_path: Path, plugin_dir: Path, seed: bytes) -> Path:
 async def test_the_example_signer_loads_from_plugin_dirs_and_conforms(tmp_path: Path, plugin_dir: Path) -> None:
     config, discovered = load_checked(str(write_config(tmp_path, plugin_dir, os.urandom(32))), {})
     context = PluginContext(reactor=None, clock=None, http_client=None, config=config, data_dir=tmp_path)
-    signer = build(discovered, "signer", signer_section(config), context)
+    signer = build_provider(config, discovered, "signer", config.signer, context)
     await assert_signer_conforms(signer)
 
 
@@ -72,5 +69,5 @@ def test_its_option_errors_carry_the_section(tmp_path: Path, plugin_dir: Path) -
     config, discovered = load_checked(str(write_config(tmp_path, plugin_dir, b"short")), {})
     context = PluginContext(reactor=None, clock=None, http_client=None, config=config, data_dir=tmp_path)
     with pytest.raises(PluginConfigError) as raised:
-        build(discovered, "signer", signer_section(config), context)
+        build_provider(config, discovered, "signer", config.signer, context)
     assert raised.value.messages == ("signer.seed_file: must hold exactly 32 bytes, not 5",)

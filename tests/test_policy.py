@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jwtlet import policy
-from jwtlet.model import Identity, ResourceMapping, ScopeMapping
-from jwtlet.policy import ExchangeError, IssueParameters
+from jwtlet.model import Identity, Resolution, ResourceMapping, ScopeMapping
+from jwtlet.policy import IssueParameters, Refusal, Terms
 
 GRANT = policy.GRANT_TYPE_TOKEN_EXCHANGE
 JWT = policy.TOKEN_TYPE_JWT
@@ -22,11 +22,11 @@ def form(**fields: Any) -> dict[str, list[str]]:
     return {k: v if isinstance(v, list) else [v] for k, v in base.items() if v is not None}
 
 
-def refusal(fields: dict[str, list[str]], **kwargs: Any) -> tuple[str, str, int]:
-    with pytest.raises(ExchangeError) as raised:
+def refusal(fields: dict[str, list[str]], **kwargs: Any) -> tuple[str, str]:
+    with pytest.raises(Refusal) as raised:
         policy.parse_token_request(fields, **kwargs)
     error = raised.value
-    return error.code, error.description, error.status
+    return error.code, error.description
 
 
 def test_edc_style_request_without_subject_token_type_is_accepted() -> None:
@@ -41,8 +41,8 @@ def test_edc_style_request_without_subject_token_type_is_accepted() -> None:
 
 @pytest.mark.parametrize("missing", ["grant_type", "subject_token", "resource"])
 def test_missing_required_parameters_are_named(missing: str) -> None:
-    assert refusal(form(**{missing: None})) == ("invalid_request", f"missing parameter '{missing}'", 400)
-    assert refusal(form(**{missing: ""})) == ("invalid_request", f"missing parameter '{missing}'", 400)
+    assert refusal(form(**{missing: None})) == ("invalid_request", f"missing parameter '{missing}'")
+    assert refusal(form(**{missing: ""})) == ("invalid_request", f"missing parameter '{missing}'")
 
 
 def test_grant_type_other_than_token_exchange() -> None:
@@ -77,9 +77,9 @@ MAPPING = ResourceMapping("system:serviceaccount:ns:sa", "ctx", scopes=("read", 
 
 def test_scopes_must_be_allowed_by_the_mapping() -> None:
     policy.check_scopes_allowed(MAPPING, ["read"])
-    with pytest.raises(ExchangeError) as raised:
+    with pytest.raises(Refusal) as raised:
         policy.check_scopes_allowed(MAPPING, ["read", "admin"])
-    assert (raised.value.code, raised.value.status) == ("unauthorized_client", 403)
+    assert raised.value.code == "unauthorized_client"
 
 
 def test_scope_expansion_merges_and_detects_conflicts() -> None:
@@ -92,9 +92,9 @@ def test_scope_expansion_merges_and_detects_conflicts() -> None:
     assert policy.expand_scopes(["read", "same"], scopes, reserved) == {"role": "reader", "tier": 1}
     assert policy.expand_scopes(["read", "read"], scopes, reserved) == {"role": "reader", "tier": 1}
     assert policy.expand_scopes(["unmapped"], scopes, reserved) == {}
-    with pytest.raises(ExchangeError) as raised:
+    with pytest.raises(Refusal) as raised:
         policy.expand_scopes(["read", "write"], scopes, reserved)
-    assert (raised.value.code, raised.value.status) == ("invalid_scope", 400)
+    assert raised.value.code == "invalid_scope"
 
 
 @pytest.mark.parametrize(
@@ -113,9 +113,9 @@ def test_scope_expansion_merges_and_detects_conflicts() -> None:
 )
 def test_audience_choice_table(requested: list[str], allowed: list[str], result: Any) -> None:
     if result is None:
-        with pytest.raises(ExchangeError) as raised:
+        with pytest.raises(Refusal) as raised:
             policy.choose_audience(requested, allowed, "default")
-        assert (raised.value.code, raised.value.status) == ("unauthorized_client", 403)
+        assert raised.value.code == "unauthorized_client"
     else:
         assert policy.choose_audience(requested, allowed, "default") == result
 
@@ -136,8 +136,14 @@ def test_act_claim_with_and_without_actor() -> None:
 PARAMETERS = IssueParameters(issuer="https://jwtlet.test", participant_context_claim="jwtlet_pc", ttl_secs=600)
 
 
+def mapping_token(scope_claims: dict[str, Any], token_id: str) -> dict[str, Any]:
+    terms = Terms(audience="svc", ttl_secs=PARAMETERS.ttl_secs, claims=scope_claims, participant_context="ctx",
+                  act=policy.actor_claim(SA))
+    return policy.token_claims(PARAMETERS.issuer, PARAMETERS.participant_context_claim, terms, 1000, token_id)
+
+
 def test_token_claims_table() -> None:
-    claims = policy.token_claims(PARAMETERS, "ctx", "svc", {"role": "reader"}, policy.actor_claim(SA), 1000, "id-1")
+    claims = mapping_token({"role": "reader"}, "id-1")
     assert claims == {
         "role": "reader",
         "iss": "https://jwtlet.test",
@@ -153,8 +159,33 @@ def test_token_claims_table() -> None:
 
 
 def test_granted_scope_is_sorted_deduplicated_or_absent() -> None:
-    assert policy.granted_scope(["write", "read", "read"]) == "read write"
-    assert policy.granted_scope([]) is None
+    assert policy.granted_scope(policy.parse_scope("write read read")) == "read write"
+    assert policy.granted_scope(policy.parse_scope("")) is None
+
+
+def test_mapping_terms_apply_steps_two_to_four_in_order() -> None:
+    """Scopes are checked before they expand, and the audience comes from the mapping."""
+    mapping = ResourceMapping(SA.username, "ctx", scopes=("read",), audiences=("edc",))
+    resolution = Resolution(mapping, {"read": ScopeMapping("read", {"role": "reader", "sub": "forged"})})
+    request = policy.parse_token_request(form(scope="read", audience="edc"))
+    terms = policy.mapping_terms(PARAMETERS, resolution, request, "default", SA, ROBOT)
+    assert terms == Terms(audience="edc", ttl_secs=600, claims={"role": "reader"}, participant_context="ctx",
+                          act=policy.actor_claim(SA, ROBOT), scopes=("read",))
+    with pytest.raises(Refusal) as raised:
+        policy.mapping_terms(PARAMETERS, resolution, policy.parse_token_request(form(scope="write")), "edc", SA)
+    assert raised.value.code == "unauthorized_client"
+
+
+KEY = Identity(username="apikey:acme:k1", issuer="jwtlet:api-key",
+               extra={"int_id": "acme", "key_id": "k1", "tier": 2})
+
+
+def test_api_key_terms_give_the_m_lab_claims_and_nothing_of_a_mapping() -> None:
+    terms = policy.api_key_terms("autojoin", 3600, KEY)
+    claims = policy.token_claims("https://jwtlet.test", "jwtlet_pc", terms, 1000, "id-1")
+    assert claims == {"iss": "https://jwtlet.test", "aud": "autojoin", "iat": 1000, "nbf": 1000, "exp": 4600,
+                      "jti": "id-1", "int_id": "acme", "key_id": "k1", "tier": 2}
+    assert policy.granted_scope(terms.scopes) is None
 
 
 # -- properties -------------------------------------------------------------------
@@ -174,10 +205,10 @@ def test_no_scope_mapping_can_override_a_reserved_claim(stored: dict[str, dict[s
     mappings = {name: ScopeMapping(name, claims) for name, claims in stored.items()}
     try:
         merged = policy.expand_scopes(list(stored), mappings, reserved)
-    except ExchangeError as error:
+    except Refusal as error:
         assert error.code == "invalid_scope"
         return
-    claims = policy.token_claims(PARAMETERS, "ctx", "svc", merged, policy.actor_claim(SA), 1000, "id")
+    claims = mapping_token(merged, "id")
     assert claims["iss"] == "https://jwtlet.test"
     assert claims["sub"] == claims["jwtlet_pc"] == "ctx"
     registered = (claims["aud"], claims["iat"], claims["nbf"], claims["exp"], claims["jti"])
@@ -204,8 +235,8 @@ def test_a_decision_either_refuses_or_satisfies_every_rule(
     try:
         policy.check_scopes_allowed(mapping, requested_scopes)
         audience = policy.choose_audience(requested_audiences, mapping.audiences, "default")
-    except ExchangeError as error:
-        assert error.status == 403
+    except Refusal as error:
+        assert error.code == "unauthorized_client"
         scopes_ok = set(requested_scopes) <= set(allowed_scopes)
         if allowed_audiences:
             audience_ok = all(a in allowed_audiences for a in requested_audiences) and (

@@ -43,6 +43,18 @@ def test_the_key_table_is_bounded() -> None:
     assert list(limiter._keys) == ["d", "e", "f"]
 
 
+def test_the_key_table_forgets_the_least_recently_seen_key_first() -> None:
+    """A key still sending keeps its bucket (and its debt) while quieter keys push the table past its bound."""
+    limiter = RateLimiter(Clock(), per_key_per_sec=1, max_keys=2)
+    assert limiter.check("busy") is None
+    assert limiter.check("busy") == 1
+    limiter.check("quiet-1")
+    assert limiter.check("busy") == 1, "seen again: most recent"
+    limiter.check("quiet-2")
+    assert sorted(limiter._keys) == ["busy", "quiet-2"]
+    assert limiter.check("busy") == 1, "its bucket was kept, still empty"
+
+
 def exchange(apps: Apps, subject_token: str) -> Reply:
     form = {"grant_type": policy.GRANT_TYPE_TOKEN_EXCHANGE, "subject_token": subject_token, "resource": "ctx"}
     return call(apps.token, "POST", "http://jwtlet.test/token", data=form)

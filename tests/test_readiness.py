@@ -19,7 +19,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from jwtlet.interfaces import DependencyUnavailable, IReadiness
-from jwtlet.web.common import READY_CHECK_TIMEOUT_SECS, Readiness, within
+from jwtlet.providers import adapt
+from jwtlet.web.health import READY_CHECK_TIMEOUT_SECS, Readiness, within
 
 URL = "http://jwtlet.test"
 SECRET_URL = "postgresql://jwtlet:hunter2@db.internal:5432/jwtlet"
@@ -80,7 +81,7 @@ def logged() -> Iterator[list[str]]:
 
 def depend_on(apps: Apps, **answers: Callable[[], Any]) -> None:
     """Both ports' readiness asks these dependencies, on the test's clock."""
-    providers = {name: Dependency(answers.get(name, ok)) for name in ("signer", "store", "validator")}
+    providers = {name: adapt(name, Dependency(answers.get(name, ok))) for name in ("signer", "store", "validator")}
     readiness = Readiness(providers, apps.clock)
     apps.token_api.readiness = readiness
     apps.management_api.readiness = readiness

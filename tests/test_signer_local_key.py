@@ -12,7 +12,7 @@ import pytest_twisted
 from jwtlet import keys
 from jwtlet.interfaces import PluginConfigError
 from jwtlet.plugins.local_key import local_key
-from jwtlet.testing.signer_conformance import assert_signer_conforms
+from jwtlet.testing.conformance.signer import assert_signer_conforms
 
 
 def context(tmp_path: Path, check_only: bool = False) -> types.SimpleNamespace:
@@ -75,9 +75,15 @@ def test_option_problems_are_reported_together(tmp_path: Path) -> None:
     with pytest.raises(PluginConfigError) as raised:
         local_key.build({"generate": "yes", "algorithm": "HS256", "colour": 1}, context(tmp_path))
     assert sorted(raised.value.messages) == [
-        "algorithm: must be one of EdDSA, ES256, ES384, RS256, PS256",
+        "algorithm: must be EdDSA, ES256, ES384, RS256 or PS256",
         "colour: unknown key",
-        "generate: must be true or false",
+        "generate: must be true or false, not str",
+    ]
+    with pytest.raises(PluginConfigError) as raised:
+        local_key.build({"key_file": "a.jwk", "key_files": []}, context(tmp_path))
+    assert sorted(raised.value.messages) == [
+        "key_file and key_files: give one of them",
+        "key_files: must be a non-empty list of paths",
     ]
 
 

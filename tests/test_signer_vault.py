@@ -1,18 +1,22 @@
 """
 The vault-transit signer against the fake Vault over loopback: every key type
 through the signer conformance suite, the PSS salt-length trap, rotation,
-token files, Kubernetes login and renewal, outages and recovery.
+token files, Kubernetes login and renewal, outages and recovery, and signs
+batched into one transit request.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import jwt as pyjwt
 import pytest
 import pytest_twisted
+from jwcrypto.common import base64url_decode
 from jwcrypto.jwk import JWK
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 from vault_fixtures import ROOT, RunningVault, build_signer, running_vault, signer_context
 
@@ -21,12 +25,13 @@ from jwtlet.outbound import close_http_client
 from jwtlet.plugins.vault_transit import (
     KeyVersion,
     VaultMisconfigured,
+    batch_outcomes,
     parse_creation_time,
     parse_options,
     signing_version,
     vault_transit,
 )
-from jwtlet.testing.signer_conformance import assert_signer_conforms
+from jwtlet.testing.conformance.signer import assert_signer_conforms
 from jwtlet.testing.vault import TransitKey
 
 
@@ -370,3 +375,193 @@ async def test_unreadable_key_metadata_is_a_misconfiguration_not_a_crash(
             await signer.sign({"typ": "JWT"}, {"sub": "x"})
     finally:
         await stopped(signer)
+
+
+# -- batching ---------------------------------------------------------------------------------
+
+
+def subject_of(signing_input: bytes) -> str:
+    """The ``sub`` claim of a JWS signing input as the fake Vault receives it."""
+    payload = signing_input.split(b".")[1].decode()
+    return str(json.loads(base64url_decode(payload))["sub"])
+
+
+async def signed_and_verified(signer: Any, pending: list[Any]) -> list[dict[str, Any]]:
+    """Await ``pending`` signs; each token's claims and ``kid``, verified against the signer's JWKS."""
+    tokens = await gatherResults(pending, consumeErrors=True)
+    published = {k["kid"]: k for k in (await signer.public_jwks())["keys"]}
+    verified = []
+    for token in tokens:
+        kid = pyjwt.get_unverified_header(token)["kid"]
+        claims = pyjwt.decode(token, pyjwt.PyJWK.from_dict(published[kid]), algorithms=[signer.algorithm])
+        verified.append(dict(claims, kid=kid))
+    return verified
+
+
+async def batching_signer(tmp_path: Path, vault: RunningVault, clock: Clock, **options: Any) -> Any:
+    """A signer on ``clock`` that already knows its key, so that signs go straight to the batch."""
+    signer = build_signer(tmp_path, vault, clock, **dict({"batch_window_ms": 2, "key_type": "ecdsa-p256"}, **options))
+    await signer.refresh()
+    return signer
+
+
+@pytest_twisted.ensureDeferred
+async def test_signs_waiting_together_go_to_vault_as_one_batch_request(
+    tmp_path: Path, vault: RunningVault, clock: Clock
+) -> None:
+    signer = await batching_signer(tmp_path, vault, clock)
+    try:
+        pending = [signer.sign({"typ": "JWT"}, {"sub": f"s{n}"}) for n in range(5)]
+        assert vault.fake.sign_batches == [], "nothing is sent before the window has passed"
+        clock.advance(0.002)
+        claims = await signed_and_verified(signer, pending)
+        assert [c["sub"] for c in claims] == [f"s{n}" for n in range(5)], "each token carries its own claims"
+        assert vault.fake.sign_batches == [5] and vault.fake.requests["sign"] == 1
+        sent = vault.fake.last_sign_request
+        assert sent["key_version"] == 1, "the version is explicit, once for the whole batch"
+        assert [item["reference"] for item in sent["batch_input"]] == ["0", "1", "2", "3", "4"]
+    finally:
+        await stopped(signer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_batch_goes_at_once_and_the_rest_waits_for_the_window(
+    tmp_path: Path, vault: RunningVault, clock: Clock
+) -> None:
+    signer = await batching_signer(tmp_path, vault, clock, batch_max=2)
+    try:
+        pending = [signer.sign({"typ": "JWT"}, {"sub": f"s{n}"}) for n in range(5)]
+        await signed_and_verified(signer, pending[:4])
+        assert vault.fake.sign_batches == [2, 2] and not pending[4].called
+        clock.advance(0.002)
+        await signed_and_verified(signer, pending[4:])
+        assert vault.fake.sign_batches == [2, 2, 1]
+    finally:
+        await stopped(signer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_window_of_zero_sends_every_sign_alone(tmp_path: Path, vault: RunningVault, clock: Clock) -> None:
+    signer = await batching_signer(tmp_path, vault, clock, batch_window_ms=0)
+    try:
+        await signed_and_verified(signer, [signer.sign({"typ": "JWT"}, {"sub": f"s{n}"}) for n in range(3)])
+        assert vault.fake.sign_batches == [1, 1, 1]
+    finally:
+        await stopped(signer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_item_vault_refuses_fails_only_its_own_exchange(
+    tmp_path: Path, vault: RunningVault, clock: Clock
+) -> None:
+    vault.fake.refuse_item = lambda data: "failed to sign" if subject_of(data) == "victim" else None
+    signer = await batching_signer(tmp_path, vault, clock)
+    try:
+        pending = [signer.sign({"typ": "JWT"}, {"sub": sub}) for sub in ("a", "victim", "b")]
+        clock.advance(0.002)
+        with pytest.raises(VaultMisconfigured, match="failed to sign"):
+            await pending[1]
+        assert [c["sub"] for c in await signed_and_verified(signer, [pending[0], pending[2]])] == ["a", "b"]
+        assert vault.fake.sign_batches == [3]
+    finally:
+        await stopped(signer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_vault_or_proxy_reordering_batch_results_hands_no_exchange_another_ones_signature(
+    tmp_path: Path, vault: RunningVault, clock: Clock
+) -> None:
+    """
+    The results come back reversed: by position alone the first exchange would
+    get the third one's signature (a token that never verifies).  The echoed
+    references expose it: the moved items fail, the one left in place is right.
+    """
+    vault.fake.reverse_batch_results = True
+    signer = await batching_signer(tmp_path, vault, clock)
+    try:
+        pending = [signer.sign({"typ": "JWT"}, {"sub": f"s{n}"}) for n in range(3)]
+        clock.advance(0.002)
+        for moved in (pending[0], pending[2]):
+            with pytest.raises(VaultMisconfigured, match="out of order"):
+                await moved
+        assert [c["sub"] for c in await signed_and_verified(signer, [pending[1]])] == ["s1"]
+    finally:
+        await stopped(signer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_outage_fails_every_waiting_sign_as_unavailable(
+    tmp_path: Path, vault: RunningVault, clock: Clock
+) -> None:
+    signer = await batching_signer(tmp_path, vault, clock)
+    try:
+        vault.fake.sealed = True
+        pending = [signer.sign({"typ": "JWT"}, {"sub": f"s{n}"}) for n in range(4)]
+        clock.advance(0.002)
+        for sign in pending:
+            with pytest.raises(DependencyUnavailable):
+                await sign
+        assert vault.fake.requests["sign"] == 1
+    finally:
+        await stopped(signer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_signing_version_closes_the_waiting_batch_so_each_batch_has_one_version(
+    tmp_path: Path, vault: RunningVault, clock: Clock
+) -> None:
+    vault.fake.clock = clock
+    signer = await batching_signer(tmp_path, vault, clock, publish_before_use_secs=0)
+    try:
+        before = signer.sign({"typ": "JWT"}, {"sub": "before"})
+        vault.fake.keys["jwt"].rotate()
+        await signer.refresh()
+        after = signer.sign({"typ": "JWT"}, {"sub": "after"})
+        (first,) = await signed_and_verified(signer, [before])  # sent when the version changed, not after the window
+        assert vault.fake.sign_batches == [1] and vault.fake.last_sign_request["key_version"] == 1
+        clock.advance(0.002)
+        (second,) = await signed_and_verified(signer, [after])
+        assert vault.fake.sign_batches == [1, 1] and vault.fake.last_sign_request["key_version"] == 2
+        assert (first["sub"], first["kid"], second["sub"], second["kid"]) == ("before", "jwt-1", "after", "jwt-2")
+    finally:
+        await stopped(signer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_sends_the_signs_still_waiting(tmp_path: Path, vault: RunningVault, clock: Clock) -> None:
+    signer = await batching_signer(tmp_path, vault, clock, batch_window_ms=500)
+    waiting = signer.sign({"typ": "JWT"}, {"sub": "late"})
+    await stopped(signer)
+    assert (await signed_and_verified(signer, [waiting]))[0]["sub"] == "late"
+
+
+def test_batch_outcomes_are_matched_by_position_and_reference() -> None:
+    good = {"signature": "vault:v3:c2ln", "key_version": 3, "reference": "0"}
+    assert batch_outcomes(3, 1, {"batch_results": [good]}) == ["c2ln"]
+    legacy = {"signature": "vault:v3:c2ln", "key_version": 3}
+    assert batch_outcomes(3, 1, {"batch_results": [legacy]}) == ["c2ln"], "Vaults that echo no reference"
+    unmatched: list[Any] = [{}, {"batch_results": []}, {"batch_results": [good, good]}, {"batch_results": "x"}, None]
+    for data in unmatched:
+        with pytest.raises(VaultMisconfigured, match="does not match"):
+            batch_outcomes(3, 1, data)
+    wrong = [dict(good, reference="1"), dict(good, signature="vault:v2:c2ln"), dict(good, signature=""),
+             {"key_version": 0, "error": "missing input", "reference": "0"}, "junk"]
+    for result in wrong:
+        (outcome,) = batch_outcomes(3, 1, {"batch_results": [result]})
+        assert isinstance(outcome, VaultMisconfigured), result
+
+
+def test_batch_options() -> None:
+    base = {"url": "https://vault:8200", "token": "t"}
+    defaults = parse_options(base, dev=False)
+    assert (defaults.batch_max, defaults.batch_window) == (32, 0.002)
+    chosen = parse_options(dict(base, batch_max=200, batch_window_ms=0), dev=False)
+    assert (chosen.batch_max, chosen.batch_window) == (200, 0.0)
+    with pytest.raises(PluginConfigError) as raised:
+        parse_options(dict(base, batch_max=0, batch_window_ms=-1), dev=False)
+    assert sorted(raised.value.messages) == ["batch_max: must be an integer from 1 to 200",
+                                             "batch_window_ms: must be a number from 0 to 1000"]
+    for wrong in ({"batch_max": 2.5}, {"batch_max": 201}, {"batch_max": True}, {"batch_window_ms": 1001},
+                  {"batch_window_ms": "2"}):
+        with pytest.raises(PluginConfigError):
+            parse_options(dict(base, **wrong), dev=False)

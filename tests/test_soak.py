@@ -21,8 +21,8 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.web.client import HTTPConnectionPool
 
-from jwtlet.config.schema import dev_defaults
 from jwtlet.daemon import dev as devissuer
+from jwtlet.daemon.dev import defaults as dev_defaults
 from jwtlet.testing.process import DaemonProcess
 
 pytestmark = pytest.mark.slow

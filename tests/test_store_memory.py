@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import types
-from typing import Any
+from pathlib import Path
 
 import pytest
+from k8s_fixtures import jwtlet_config
 from twisted.internet.task import Clock
 
-from jwtlet.plugins.memory_store import memory
-from jwtlet.testing.store_conformance import StoreConformance
+from jwtlet.interfaces import PluginContext
+from jwtlet.plugins.memory_store import MemoryStore, memory
+from jwtlet.testing.conformance.store import StoreConformance
 
 
 class TestMemoryStore(StoreConformance):
     @pytest.fixture
-    def store(self, clock: Clock) -> Any:
-        return memory.build({}, types.SimpleNamespace(clock=clock))
+    def store(self, clock: Clock, tmp_path: Path) -> MemoryStore:
+        return memory.build({}, PluginContext(reactor=clock, clock=clock, http_client=None,
+                                              config=jwtlet_config("kubernetes-oidc"), data_dir=tmp_path))

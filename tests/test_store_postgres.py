@@ -18,8 +18,8 @@ from twisted.internet.defer import DeferredList, gatherResults
 from jwtlet.interfaces import Conflict, DependencyUnavailable, NotFound, PluginConfigError
 from jwtlet.model import ResourceMapping, ScopeMapping
 from jwtlet.plugins.postgres_store import parse_duration, postgres
+from jwtlet.testing.conformance.store import StoreConformance
 from jwtlet.testing.postgres import PostgresServer
-from jwtlet.testing.store_conformance import StoreConformance
 
 pytestmark = pytest.mark.postgres
 
@@ -141,7 +141,7 @@ def test_option_problems_and_durations() -> None:
         "pool.bogus: unknown key",
         "pool.max_connections: must be a whole number (1 or more)",
         'pool.acquire_timeout: must be a duration such as "30s"',
-        "sslmode: must be one of disable, allow, prefer, require, verify-ca, verify-full",
+        "sslmode: must be disable, allow, prefer, require, verify-ca or verify-full",
     ])
 
 

@@ -21,8 +21,9 @@ import pytest_twisted
 
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError
 from jwtlet.model import ResourceMapping, ScopeMapping
-from jwtlet.plugins.sqlite_store import MIGRATIONS, migrate, sqlite
-from jwtlet.testing.store_conformance import StoreConformance
+from jwtlet.plugins.sql_store import SCHEMA
+from jwtlet.plugins.sqlite_store import migrate, sqlite
+from jwtlet.testing.conformance.store import StoreConformance
 
 
 def context(tmp_path: Path) -> types.SimpleNamespace:
@@ -52,18 +53,18 @@ def test_defaults_and_option_problems(tmp_path: Path) -> None:
     with pytest.raises(PluginConfigError) as raised:
         sqlite.build({"path": 3, "run_migrations_on_startup": "yes", "url": "x"}, context(tmp_path))
     assert sorted(raised.value.messages) == [
-        "path: must be a file path",
-        "run_migrations_on_startup: must be true or false",
+        "path: must be a string, not int",
+        "run_migrations_on_startup: must be true or false, not str",
         "url: unknown key",
     ]
 
 
 def test_migrations_are_idempotent(tmp_path: Path) -> None:
     connection = sqlite3.connect(tmp_path / "m.sqlite3", isolation_level=None)
-    assert migrate(connection) == len(MIGRATIONS)
-    assert migrate(connection) == len(MIGRATIONS)
+    assert migrate(connection) == len(SCHEMA)
+    assert migrate(connection) == len(SCHEMA)
     versions = connection.execute("SELECT version FROM schema_version").fetchall()
-    assert versions == [(v,) for v in range(1, len(MIGRATIONS) + 1)]
+    assert versions == [(v,) for v in range(1, len(SCHEMA) + 1)]
 
 
 WRITER = textwrap.dedent(
@@ -170,4 +171,4 @@ def test_building_for_check_config_creates_nothing(tmp_path: Path) -> None:
     checking = types.SimpleNamespace(reactor=None, clock=None, data_dir=tmp_path / "data", check_only=True)
     store = sqlite.build({}, checking)
     assert store.path == tmp_path / "data" / "jwtlet.sqlite3"
-    assert list(tmp_path.iterdir()) == [] and not store._pool.started
+    assert list(tmp_path.iterdir()) == [] and not store._threads.started

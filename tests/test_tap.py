@@ -19,10 +19,10 @@ from twisted.plugin import IPlugin
 import jwtlet.daemon.tap
 import jwtlet.plugins
 from jwtlet import keys
-from jwtlet.config import schema as configuration
-from jwtlet.config.schema import ConfigError
-from jwtlet.daemon import wiring as daemon
+from jwtlet.config import ConfigError
+from jwtlet.daemon import dev, services, wiring
 from jwtlet.interfaces import DependencyUnavailable
+from jwtlet.metrics import Metrics
 from jwtlet.plugins.memory_store import MemoryStore
 
 STATIC_VALIDATOR_PLUGIN = textwrap.dedent(
@@ -39,7 +39,11 @@ STATIC_VALIDATOR_PLUGIN = textwrap.dedent(
         name = "static-test"
         description = "accepts a fixed set of tokens (tests)"
 
+        def __init__(self):
+            self.contexts = []
+
         def build(self, options, context):
+            self.contexts.append(context)
             if set(options) - {"strict"}:
                 raise PluginConfigError(*(f"{k}: unknown key" for k in sorted(set(options) - {"strict"})))
             return StaticValidator()
@@ -95,11 +99,11 @@ def test_the_dropin_points_at_jwtlet_tap() -> None:
 
 def test_make_service_opens_both_ports_and_starts_providers(tmp_path: Path, plugin_dir: Path) -> None:
     path = write_config(tmp_path, plugin_dir)
-    config, discovered = daemon.load_checked(str(path), {})
+    config, discovered = wiring.load_checked(str(path), {})
     assert "jwtlet.plugins.broken_plugin" in discovered.failures
     assert "No module named 'no_such_module_anywhere'" in discovered.failures["jwtlet.plugins.broken_plugin"]
     reactor = MemoryReactorClock()
-    service = daemon.make_service(config, discovered, reactor)
+    service = wiring.make_service(config, discovered, reactor)
     assert IService.providedBy(service)
     service.startService()
     assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
@@ -111,27 +115,38 @@ def test_make_service_opens_both_ports_and_starts_providers(tmp_path: Path, plug
     assert stopped == [None]
 
 
+def test_providers_get_the_daemons_metrics_instead_of_hooks_patched_on(tmp_path: Path, plugin_dir: Path) -> None:
+    """A provider counts what it does (JWKS refreshes) through context.metrics; the check-mode build has none."""
+    config, discovered = wiring.load_checked(str(write_config(tmp_path, plugin_dir)), {})
+    (factory,) = [found.factory for found in discovered.plugins if found.name == "static-test"]
+    factory.contexts.clear()  # the plugin module may have been imported by an earlier test
+    wiring.make_service(config, discovered, MemoryReactorClock())
+    checking, serving = factory.contexts
+    assert checking.check_only and checking.metrics is None
+    assert not serving.check_only and isinstance(serving.metrics, Metrics)
+
+
 def test_plugin_option_problems_are_reported_with_their_section(tmp_path: Path, plugin_dir: Path) -> None:
     path = write_config(tmp_path, plugin_dir, validator={"type": "static-test", "bogus": 1, "other": 2},
                         signer={"type": "local-key", "key_file": str(tmp_path / "missing.jwk")})
-    config, discovered = daemon.load_checked(str(path), {})
+    config, discovered = wiring.load_checked(str(path), {})
     with pytest.raises(ConfigError) as raised:
-        daemon.make_service(config, discovered, MemoryReactorClock())
+        wiring.make_service(config, discovered, MemoryReactorClock())
     assert raised.value.problems[0].startswith("signer.key_file: ")
     assert raised.value.problems[1:] == ["validator.bogus: unknown key", "validator.other: unknown key"]
 
 
 def test_bad_endpoint_descriptions_are_config_errors(tmp_path: Path, plugin_dir: Path) -> None:
     path = write_config(tmp_path, plugin_dir, management_endpoint="nonsense:1234")
-    config, discovered = daemon.load_checked(str(path), {})
+    config, discovered = wiring.load_checked(str(path), {})
     with pytest.raises(ConfigError) as raised:
-        daemon.make_service(config, discovered, MemoryReactorClock())
+        wiring.make_service(config, discovered, MemoryReactorClock())
     assert raised.value.problems[0].startswith("management_endpoint: not a Twisted endpoint description")
 
 
 def test_options_exit_1_with_every_problem_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("token_exchange_port: 0\nsigner: {type: nope}\n")
+    bad.write_text("token_exchange_port: 0\nsigner: {type: nope}\nstorage_backend: {type: memory, colour: blue}\n")
     options = jwtlet.daemon.tap.Options()
     with pytest.raises(SystemExit) as raised:
         options.parseOptions(["--config", str(bad)])
@@ -140,6 +155,7 @@ def test_options_exit_1_with_every_problem_on_stderr(tmp_path: Path, capsys: pyt
     assert "issuer: required" in err
     assert "token_exchange_port: must be between 1 and 65535" in err
     assert "signer.type: no signer plugin named 'nope'" in err
+    assert "storage_backend.colour: unknown key" in err, "a plugin's problems come in the same run as the core's"
 
 
 def test_sequential_stop_order() -> None:
@@ -157,7 +173,7 @@ def test_sequential_stop_order() -> None:
             order.append(self.name)
             return self.result
 
-    parent = daemon.SequentialMultiService()
+    parent = services.SequentialMultiService()
     for child in (Recorder("pools"), Recorder("drain", pending), Recorder("listeners")):
         child.setServiceParent(parent)
     parent.startService()
@@ -170,12 +186,12 @@ def test_sequential_stop_order() -> None:
 
 
 def test_drain_waits_for_in_flight_requests_with_a_bound() -> None:
-    from jwtlet.web.common import DrainingSite
+    from jwtlet.web.server import DrainingSite
 
     reactor = MemoryReactorClock()
     site = DrainingSite(None)
     site.in_flight = 1
-    drain = daemon.DrainService([site], reactor, timeout=10)
+    drain = services.DrainService([site], reactor, timeout=10)
     done: list[Any] = []
     drain.stopService().addBoth(done.append)
     reactor.advance(9)
@@ -185,8 +201,8 @@ def test_drain_waits_for_in_flight_requests_with_a_bound() -> None:
 
 
 def test_dev_instructions_name_the_commands(tmp_path: Path) -> None:
-    config = configuration.load(None, {}, dev=True, data_dir=str(tmp_path))
-    text = daemon.dev_instructions(config, tmp_path)
+    config, _ = wiring.load_checked(None, {}, dev=True, data_dir=str(tmp_path))
+    text = dev.instructions(config)
     assert f"jwtlet dev-token default:demo --data-dir {tmp_path}" in text
     assert "curl -s http://127.0.0.1:8080/token" in text
 
@@ -195,15 +211,15 @@ def test_dev_instructions_name_the_commands(tmp_path: Path) -> None:
 async def test_dev_seeds_once_per_data_directory(tmp_path: Path, clock: Clock) -> None:
     """An operator deletes --dev's example scope and mapping: the next start must not bring them back."""
     store = MemoryStore(clock)
-    await daemon.DevSeed(store, tmp_path).seed()
-    assert (await store.list_scopes(), await store.list_mappings()) == ([daemon.DEV_SCOPE], [daemon.DEV_MAPPING])
-    await store.delete_scope(daemon.DEV_SCOPE.scope)
-    await store.delete_mapping(*daemon.DEV_MAPPING.key)
-    restarted = daemon.DevSeed(store, tmp_path)
+    await dev.DevSeed(store, tmp_path).seed()
+    assert (await store.list_scopes(), await store.list_mappings()) == ([dev.EXAMPLE_SCOPE], [dev.EXAMPLE_MAPPING])
+    await store.delete_scope(dev.EXAMPLE_SCOPE.scope)
+    await store.delete_mapping(*dev.EXAMPLE_MAPPING.key)
+    restarted = dev.DevSeed(store, tmp_path)
     restarted.startService()
     await restarted.seed()
     assert (await store.list_scopes(), await store.list_mappings()) == ([], [])
-    assert stat.S_IMODE((tmp_path / daemon.DEV_SEEDED_MARKER).stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / dev.SEEDED_MARKER).stat().st_mode) == 0o600
 
 
 @attrs.define
@@ -223,7 +239,7 @@ class MappingsDown:
 async def test_a_failed_dev_seed_is_tried_again_at_the_next_start(tmp_path: Path, clock: Clock) -> None:
     store = MemoryStore(clock)
     with pytest.raises(DependencyUnavailable):
-        await daemon.DevSeed(MappingsDown(store), tmp_path).seed()
-    assert not (tmp_path / daemon.DEV_SEEDED_MARKER).exists()
-    await daemon.DevSeed(store, tmp_path).seed()
-    assert await store.list_mappings() == [daemon.DEV_MAPPING]
+        await dev.DevSeed(MappingsDown(store), tmp_path).seed()
+    assert not (tmp_path / dev.SEEDED_MARKER).exists()
+    await dev.DevSeed(store, tmp_path).seed()
+    assert await store.list_mappings() == [dev.EXAMPLE_MAPPING]

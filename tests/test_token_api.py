@@ -11,8 +11,10 @@ import pytest
 from apps import ADMIN, CLIENT_AUDIENCE, WORKLOAD, Apps, Reply, call, make_apps
 
 from jwtlet import policy
+from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.model import ResourceMapping, ScopeMapping
 from jwtlet.testing.fakes import service_account
+from jwtlet.web import errors
 
 URL = "http://jwtlet.test"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -269,3 +271,34 @@ def test_an_api_key_present_but_not_a_string_is_a_malformed_body(tmp_path: Path)
         assert (reply.code, reply.json()) == (400, {"error": "invalid request body"}), body
     absent = v0(b'{"key": "jwtk.a.b.c"}')
     assert (absent.code, absent.json()) == (401, {"error": "invalid API key"}), "a missing key is a bad key"
+
+
+@pytest.mark.parametrize(
+    "error, oauth, m_lab",
+    [
+        (policy.invalid_request("x"), (400, {"error": "invalid_request", "error_description": "x"}),
+         (400, {"error": "invalid_request"})),
+        (policy.unauthorized_client("x"), (403, {"error": "unauthorized_client", "error_description": "x"}),
+         (400, {"error": "unauthorized_client"})),
+        (policy.invalid_grant(), (400, {"error": "invalid_grant", "error_description": "subject token rejected"}),
+         (401, {"error": "invalid API key"})),
+        (policy.invalid_target("unknown API-key profile"),
+         (400, {"error": "invalid_target", "error_description": "unknown API-key profile"}),
+         (404, {"error": "unknown profile"})),
+        (policy.RateLimited(7), (429, {"error": "rate_limited"}), (429, {"error": "rate_limited"})),
+        (DependencyUnavailable("vault down", 9),
+         (503, {"error": "temporarily_unavailable", "error_description": "a dependency is unavailable, retry later"}),
+         (503, {"error": "temporarily_unavailable"})),
+        (policy.ServerError(), (500, {"error": "server_error", "error_description": "internal error"}),
+         (500, {"error": "server_error"})),
+    ],
+)
+def test_the_token_port_says_each_domain_error_one_way_per_contract(
+    error: Exception, oauth: tuple[int, dict[str, str]], m_lab: tuple[int, dict[str, str]]
+) -> None:
+    """Policy raises statuses nowhere: the port's one mapping gives RFC 6749 and M-Lab answers, never cached."""
+    for answer, expected in ((errors.oauth_error(error), oauth), (errors.api_key_error(error), m_lab)):  # type: ignore[arg-type]
+        assert (answer.status, dict(answer.body)) == expected
+        assert answer.headers["Cache-Control"] == "no-store"
+        retry_after = getattr(error, "retry_after", None)
+        assert answer.headers.get("Retry-After") == (str(retry_after) if retry_after else None)

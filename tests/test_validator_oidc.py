@@ -16,10 +16,11 @@ import pytest_twisted
 from jwcrypto.common import json_encode
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
-from k8s_fixtures import CLIENT_AUDIENCE, Cluster, plugin_context
+from k8s_fixtures import CLIENT_AUDIENCE, Cluster, own_token_file, plugin_context
 from twisted.internet.task import Clock
 
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, TokenRejected
+from jwtlet.metrics import Metrics
 from jwtlet.plugins.kubernetes_oidc import kubernetes_oidc
 
 
@@ -193,6 +194,28 @@ async def test_issuer_down_serves_cached_keys_then_503(tmp_path: Path, cluster: 
 
 
 @pytest_twisted.ensureDeferred
+async def test_jwks_fetches_are_counted_in_the_daemons_metrics(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
+    """Operators alert on ``jwtlet_jwks_refresh_total{outcome="failure"}``: each fetch counts once, by outcome."""
+    metrics = Metrics()
+    context = plugin_context(tmp_path, cluster, clock)
+    context.metrics = metrics
+    validator = kubernetes_oidc.build({"issuers": [{"issuer": cluster.fake.issuer, "bearer_token_file": str(
+        own_token_file(tmp_path))}], "jwks_cache_ttl_secs": 60}, context)
+
+    def counted(outcome: str) -> float:
+        value = metrics.registry.get_sample_value("jwtlet_jwks_refresh_total", {"outcome": outcome})
+        return value or 0.0
+
+    token = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE], ttl=7200)
+    await validator.validate(token, CLIENT_AUDIENCE)
+    assert (counted("success"), counted("failure")) == (1, 0)
+    cluster.fake.failure_status = 503
+    clock.advance(61)
+    await validator.check_ready()  # stale keys still serve, but the refetch failed
+    assert (counted("success"), counted("failure")) == (1, 1)
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_jwks_endpoint_requires_the_bearer_token(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
     validator = kubernetes_oidc.build({"issuers": [{"issuer": cluster.fake.issuer}]},
                                       plugin_context(tmp_path, cluster, clock))
@@ -241,7 +264,7 @@ def test_option_problems_are_reported_together(tmp_path: Path) -> None:
                                "jwks_cache_ttl_secs": 0, "extra": True}, ctx)
     assert sorted(raised.value.messages) == sorted([
         "extra: unknown key",
-        "jwks_cache_ttl_secs: must be a positive number",
+        "jwks_cache_ttl_secs: must be greater than 0",
         "leeway_secs: must be between 0 and 300",
         "issuers[0].colour: unknown key",
         "issuers[0].issuer: must be an absolute https URL",
@@ -308,7 +331,7 @@ def test_prefix_problems(tmp_path: Path) -> None:
             {"issuer": "https://c.example", "jwks_file": "/c", "username_prefix": "x:"},
         ]}, option_context(tmp_path))
     assert raised.value.messages == (
-        "issuers[0].username_prefix: must be a string",
+        "issuers[0].username_prefix: must be a string, not int",
         "issuers[2].username_prefix: 'x:' is also the prefix of issuers[1].username_prefix; with several issuers "
         "each needs its own, or one cluster's service accounts act as another's",
     )

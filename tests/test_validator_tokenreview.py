@@ -155,4 +155,18 @@ async def test_prefix_and_replay_window(tmp_path: Path, cluster: Cluster, clock:
     assert (identity.expires_at, identity.accepted_until) == (claims["exp"], claims["exp"] + 60)
     with pytest.raises(PluginConfigError) as raised:
         build(tmp_path, cluster, clock, username_prefix=["x"])
-    assert raised.value.messages == ("username_prefix: must be a string",)
+    assert raised.value.messages == ("username_prefix: must be a string, not list",)
+
+
+def test_a_plaintext_api_server_url_is_reported_once(tmp_path: Path, cluster: Cluster) -> None:
+    """
+    An operator points ``k8s.api_server_url`` at plain http: the core reports
+    it where the k8s table is read, so the validator that defaults to it does
+    not say it again; an ``api_server_url`` of the validator's own is its own
+    to check.
+    """
+    kubernetes_tokenreview.build({}, plugin_context(tmp_path, cluster, api_server_url="http://kubernetes.example"))
+    with pytest.raises(PluginConfigError) as raised:
+        kubernetes_tokenreview.build({"api_server_url": "http://kubernetes.example"}, plugin_context(tmp_path, cluster))
+    assert raised.value.messages == (
+        "api_server_url: must be https (http is allowed only for loopback hosts or with --dev)",)

@@ -15,9 +15,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
-from jwtlet.web.common import LINGER_SECS, REQUEST_DEADLINE_SECS, BodyLimits, DrainingSite
+from jwtlet.web.server import LINGER_SECS, REQUEST_DEADLINE_SECS, BodyLimits, DrainingSite
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 LIMITS = BodyLimits(1024, {b"/none/": 0})
@@ -95,9 +95,34 @@ def test_a_prompt_request_is_served_and_the_deadline_cleared() -> None:
     assert b"408" not in transport.value()
 
 
-def test_drain_fires_when_in_flight_requests_finish() -> None:
-    site = DrainingSite(Recorder())
-    assert site.drain().called
+class Held(Resource):
+    """Keeps every request open until the test finishes it, as a slow exchange would."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[Request] = []
+
+    def render(self, request: Request) -> int:
+        self.open.append(request)
+        return NOT_DONE_YET
+
+
+def test_drain_waits_for_an_in_flight_request_and_fires_when_it_finishes() -> None:
+    held = Held()
+    site = DrainingSite(held)
+    assert site.drain().called, "nothing in flight: nothing to wait for"
+    channel, transport = connect(Clock(), site)
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    (request,) = held.open
+    drained = site.drain()
+    assert not drained.called, "shutdown must wait while a request is in flight"
+    request.write(b"late answer")
+    request.finish()
+    assert drained.called
+    # The last chunk and the chunked body's end marker: the whole answer went out.
+    assert transport.value().endswith(b"late answer\r\n0\r\n\r\n")
 
 
 # -- body limits --------------------------------------------------------------

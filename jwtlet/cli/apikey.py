@@ -10,20 +10,19 @@ import os
 import sys
 from typing import Any, Callable, Coroutine, TextIO
 
-from twisted.application.service import IService
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.task import react
 
-from jwtlet._async import as_deferred
 from jwtlet.apikeys import keys as apikeys
-from jwtlet.config.schema import Config, ConfigError
+from jwtlet.config import Config, ConfigError
 from jwtlet.interfaces import Conflict, DependencyUnavailable, NotFound, PluginConfigError, PluginContext
 from jwtlet.model import ApiKeyRecord, Integration
+from jwtlet.providers import Store
 
 
-def _with_store(args: argparse.Namespace, work: Callable[[Any, Config], Coroutine[Any, Any, int]]) -> int:
+def _with_store(args: argparse.Namespace, work: Callable[[Store, Config], Coroutine[Any, Any, int]]) -> int:
+    from jwtlet.daemon.plugins import as_service, build_provider
     from jwtlet.daemon.wiring import load_checked
-    from jwtlet.discovery import build
 
     try:
         config, discovered = load_checked(args.config, os.environ)
@@ -36,19 +35,21 @@ def _with_store(args: argparse.Namespace, work: Callable[[Any, Config], Coroutin
         context = PluginContext(reactor=reactor, clock=reactor, http_client=None, config=config,
                                 data_dir=config.data_dir, random_bytes=os.urandom)
         try:
-            store = build(discovered, "store", config.storage_backend, context)
+            store = build_provider(config, discovered, "store", config.storage_backend, context)
         except PluginConfigError as error:
             sys.stderr.write("".join(f"{message}\n" for message in error.messages))
             return
-        if IService.providedBy(store):
-            store.startService()
+        assert isinstance(store, Store)
+        service = as_service(store)
+        if service is not None:
+            service.startService()
         try:
             status[0] = await work(store, config)
         except DependencyUnavailable as error:
             sys.stderr.write(f"jwtlet apikey: the store is unavailable: {error}\n")
         finally:
-            if IService.providedBy(store):
-                await as_deferred(store.stopService())
+            if service is not None:
+                await maybeDeferred(service.stopService)
 
     def run(reactor: Any) -> Deferred[None]:
         return ensureDeferred(main(reactor))
@@ -66,9 +67,9 @@ def create(args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.write("jwtlet apikey: ids are 1 to 64 letters, digits, '-' or '_'\n")
         return 2
 
-    async def work(store: Any, config: Config) -> int:
+    async def work(store: Store, config: Config) -> int:
         try:
-            await as_deferred(store.add_integration(Integration(args.integration, args.description)))
+            await store.add_integration(Integration(args.integration, args.description))
         except Conflict:
             pass  # keys are added to an existing integration
         prefix = config.api_keys.prefix if config.api_keys else "jwtk"
@@ -76,7 +77,7 @@ def create(args: argparse.Namespace, out: TextIO) -> int:
         record = ApiKeyRecord(args.integration, made.key_id, made.secret_sha256, tier=args.tier,
                               description=args.description)
         try:
-            await as_deferred(store.add_api_key(record))
+            await store.add_api_key(record)
         except Conflict:
             sys.stderr.write(f"jwtlet apikey: key id {made.key_id} already exists in {args.integration}\n")
             return 1
@@ -88,8 +89,8 @@ def create(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def list_keys(args: argparse.Namespace, out: TextIO) -> int:
-    async def work(store: Any, config: Config) -> int:
-        for integration in await as_deferred(store.list_integrations()):
+    async def work(store: Store, config: Config) -> int:
+        for integration in await store.list_integrations():
             if args.integration and integration.integration_id != args.integration:
                 continue
             for key in integration.keys:
@@ -101,9 +102,9 @@ def list_keys(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def revoke(args: argparse.Namespace, out: TextIO) -> int:
-    async def work(store: Any, config: Config) -> int:
+    async def work(store: Store, config: Config) -> int:
         try:
-            found = await as_deferred(store.revoke_api_key(args.integration, args.key_id))
+            found = await store.revoke_api_key(args.integration, args.key_id)
         except NotFound:
             found = False
         if not found:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO
 
 from jwtlet import keys, mint
-from jwtlet.cli import apikey as apikey_cli
-from jwtlet.config.schema import DEFAULT_DATA_DIR, ConfigError
+from jwtlet.cli import apikey
+from jwtlet.config import CONFIG_FILE_ENV, DEFAULT_DATA_DIR, ConfigError, load_raw
 
 
 def run_twistd(arguments: Sequence[str]) -> int:
@@ -50,28 +50,24 @@ def command_dev(args: argparse.Namespace, out: TextIO) -> int:
 
 def command_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """The checks the daemon runs at start, plugins' own options included; nothing is created."""
-    from jwtlet.daemon.wiring import find_problems, load_checked
+    from jwtlet.daemon.wiring import check
 
     try:
-        config, discovered = load_checked(args.config, os.environ, dev=args.dev, data_dir=args.data_dir)
-        problems = find_problems(config, discovered)
+        check(args.config, os.environ, dev=args.dev, data_dir=args.data_dir)
     except ConfigError as error:
-        problems = error.problems
-    if problems:
-        sys.stderr.write("".join(f"{problem}\n" for problem in problems))
+        sys.stderr.write("".join(f"{problem}\n" for problem in error.problems))
         return 1
     out.write("configuration OK\n")
     return 0
 
 
 def command_plugins(args: argparse.Namespace, out: TextIO) -> int:
-    from jwtlet.config import schema as config
     from jwtlet.discovery import discover
 
     plugin_dirs: list[str] = []
-    if args.config or os.environ.get(config.CONFIG_FILE_ENV):
+    if args.config or os.environ.get(CONFIG_FILE_ENV):
         try:
-            raw = config.load_raw(args.config, os.environ, False, Path(DEFAULT_DATA_DIR))
+            raw = load_raw(args.config, os.environ)
         except ConfigError as error:
             sys.stderr.write("".join(f"{problem}\n" for problem in error.problems))
             return 1
@@ -86,17 +82,14 @@ def command_plugins(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def command_dev_token(args: argparse.Namespace, out: TextIO) -> int:
-    from jwtlet.daemon import dev as devissuer
+    from jwtlet.daemon import dev
 
     namespace, _, name = args.account.partition(":")
     if not namespace or not name or ":" in name:
         sys.stderr.write("jwtlet dev-token: give the service account as NAMESPACE:NAME\n")
         return 2
     data_dir = Path(args.data_dir or DEFAULT_DATA_DIR)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    token = devissuer.mint(
-        data_dir, namespace, name, int(time.time()), audience=args.audience, ttl=args.ttl
-    )
+    token = dev.mint(data_dir, namespace, name, int(time.time()), audience=args.audience, ttl=args.ttl)
     out.write(token + "\n")
     return 0
 
@@ -120,7 +113,7 @@ def _positive_int(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from jwtlet.config.schema import DEV_CLIENT_AUDIENCE
+    from jwtlet.daemon.dev import CLIENT_AUDIENCE
 
     top = argparse.ArgumentParser(prog="jwtlet", description="OAuth 2.0 token exchange daemon")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -144,13 +137,13 @@ def parser() -> argparse.ArgumentParser:
     plugins.add_argument("--config")
     token = add("dev-token", command_dev_token, "print a subject token signed by the --dev issuer")
     token.add_argument("account", metavar="NAMESPACE:NAME")
-    token.add_argument("--audience", default=DEV_CLIENT_AUDIENCE)
+    token.add_argument("--audience", default=CLIENT_AUDIENCE)
     token.add_argument("--ttl", type=_positive_int, default=3600)
     token.add_argument("--data-dir")
     keygen = add("keygen", command_keygen, "write a new private JWK (mode 0600)")
     keygen.add_argument("--alg", required=True, choices=keys.ALGORITHMS)
     keygen.add_argument("--out", required=True)
-    apikey_cli.add_commands(commands)
+    apikey.add_commands(commands)
     mint = commands.add_parser("mint", help="write one signed token to a file (init containers)", add_help=False)
     mint.set_defaults(handler=None)
     return top

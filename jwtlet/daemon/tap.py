@@ -11,11 +11,12 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from twisted.application.service import IService
+from twisted.application.service import IService, IServiceCollection, MultiService
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from jwtlet import logs
-from jwtlet.config.schema import ConfigError
+from jwtlet.config import ConfigError
 
 
 def fail(problems: list[str]) -> NoReturn:
@@ -36,20 +37,36 @@ class Options(usage.Options):
     optFlags = [["dev", None, "run on the embedded development defaults (loopback only)"]]
 
     def postOptions(self) -> None:
-        from jwtlet.daemon.wiring import load_checked
+        from jwtlet.daemon.wiring import check
 
         parent: Any = getattr(self, "parent", None)
-        if parent is not None and parent.get("logger") is None:
-            parent["logger"] = logs.OBSERVER_NAME
         try:
-            self.config, self.discovered = load_checked(
+            self.config, self.discovered = check(
                 self["config"], os.environ, dev=bool(self["dev"]), data_dir=self["data-dir"]
             )
         except ConfigError as error:
             fail(error.problems)
         logfile = parent.get("logfile") if parent is not None else None
         level = os.environ.get("JWTLET_LOG_LEVEL") or self.config.logging.level
-        logs.configure(logs.LogSettings(format=self.config.logging.format, level=level, logfile=logfile))
+        self.log_settings = logs.LogSettings(format=self.config.logging.format, level=level, logfile=logfile)
+
+
+class WithLogObserver(MultiService):
+    """
+    The daemon, giving twistd the log observer of its config: twistd hands
+    this service its application before it starts logging, and logs to the
+    application's ``ILogObserver`` unless ``--logger`` names another.
+    """
+
+    def __init__(self, daemon: IService, settings: logs.LogSettings):
+        super().__init__()
+        self.settings = settings
+        daemon.setServiceParent(self)
+
+    def setServiceParent(self, parent: IServiceCollection) -> None:  # type: ignore[override]
+        if isinstance(parent, Componentized):
+            logs.install(parent, self.settings)
+        super().setServiceParent(parent)
 
 
 def makeService(options: Options) -> IService:
@@ -58,6 +75,6 @@ def makeService(options: Options) -> IService:
     from jwtlet.daemon.wiring import make_service
 
     try:
-        return make_service(options.config, options.discovered, reactor)
+        return WithLogObserver(make_service(options.config, options.discovered, reactor), options.log_settings)
     except ConfigError as error:
         fail(error.problems)

@@ -1,7 +1,12 @@
 """
 Wiring: from a checked config to one service tree with the providers, the two
-sites and an orderly shutdown.  ``jwtlet.tap`` and the ``jwtlet`` command call
-in here; nothing else builds providers.
+sites and an orderly shutdown.  ``jwtlet.daemon.tap`` and the ``jwtlet``
+command call in here; nothing else builds providers.
+
+Checking comes first and finds everything in one run (issue 14 #3): the core
+schema, the listening endpoints, and each plugin's own options, the plugins
+built in check mode even when the core found problems, so the daemon and
+``jwtlet check-config`` list the same problems, all at once.
 """
 
 from __future__ import annotations
@@ -14,36 +19,71 @@ from typing import Any, Callable, Mapping, Optional
 
 import attrs
 from twisted.application import strports
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
+from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 
-from jwtlet._async import as_deferred
-from jwtlet.config import schema as configuration
-from jwtlet.config.schema import Config, ConfigError, is_loopback_host
-from jwtlet.daemon import dev as devissuer
-from jwtlet.discovery import Discovered, build, discover
-from jwtlet.exchange.apikeys import ApiKeyExchange, ApiKeyVerifier
-from jwtlet.exchange.pipeline import Signing, TokenIssuer
-from jwtlet.extauthz.decide import build_ext_authz, build_ext_authz_validator
-from jwtlet.interfaces import Conflict, PluginConfigError, PluginContext
+from jwtlet.config import (
+    DEFAULT_DATA_DIR,
+    Config,
+    ConfigError,
+    is_loopback_host,
+    load_raw,
+    read,
+)
+from jwtlet.daemon.dev import DevSeed, defaults, ensure, instructions
+from jwtlet.daemon.plugins import Providers, as_service, attempt_providers, build_providers, is_found, known_plugins
+from jwtlet.daemon.services import DrainService, HTTPClientService, SequentialMultiService
+from jwtlet.discovery import Discovered, discover
+from jwtlet.exchange.pipeline import Exchange, build_exchange
+from jwtlet.extauthz.build import build_ext_authz, build_ext_authz_validator
+from jwtlet.interfaces import PluginConfigError, PluginContext
 from jwtlet.logs import emit
 from jwtlet.metrics import Metrics
-from jwtlet.model import ResourceMapping, ScopeMapping
-from jwtlet.outbound import build_http_client, close_http_client
-from jwtlet.policy import IssueParameters, reserved_claims
-from jwtlet.ratelimit import RateLimiter
-from jwtlet.web import management_api as management
-from jwtlet.web import token_api as exchange
-from jwtlet.web.common import BodyLimits, DrainingSite, Readiness
-from jwtlet.web.management_api import ManagementAPI
-from jwtlet.web.token_api import TokenExchangeAPI
+from jwtlet.outbound import build_http_client
+from jwtlet.policy import reserved_claims
+from jwtlet.web.health import Readiness
+from jwtlet.web.management_api import MAX_BODY, ManagementAPI
+from jwtlet.web.server import BodyLimits, DrainingSite
+from jwtlet.web.token_api import BODY_LIMITS, TokenExchangeAPI
 
 log = Logger(namespace="jwtlet.daemon")
 
-DRAIN_TIMEOUT_SECS = 10.0
+
+# -- loading and checking ---------------------------------------------------------
+
+
+@attrs.frozen
+class Loaded:
+    """A configuration as read, the plugins found, and what the schema said about it."""
+
+    config: Config
+    discovered: Discovered
+    problems: list[str]
+
+
+def load(
+    path: Optional[str],
+    environ: Mapping[str, str],
+    dev: bool = False,
+    data_dir: Optional[str] = None,
+) -> Loaded:
+    """
+    Load the config (over ``--dev``'s defaults with ``dev``), discover plugins
+    (``plugin_dirs`` come from the config itself) and check it against the
+    schema and the plugin names found.  Raises :class:`ConfigError` only for
+    a file that cannot be read at all.
+    """
+    directory = Path(data_dir or DEFAULT_DATA_DIR)
+    raw = load_raw(path, environ, defaults(directory) if dev else None)
+    plugin_dirs = raw.get("plugin_dirs")
+    if isinstance(plugin_dirs, list) and all(isinstance(d, str) for d in plugin_dirs):
+        discovered = discover(plugin_dirs)
+    else:
+        discovered = discover()
+    config, problems = read(raw, dev=dev, data_dir=directory, known_plugins=known_plugins(discovered))
+    return Loaded(config, discovered, problems)
 
 
 def load_checked(
@@ -52,19 +92,30 @@ def load_checked(
     dev: bool = False,
     data_dir: Optional[str] = None,
 ) -> tuple[Config, Discovered]:
+    """:func:`load`, raising :class:`ConfigError` if the schema found problems (plugins not checked yet)."""
+    loaded = load(path, environ, dev, data_dir)
+    if loaded.problems:
+        raise ConfigError(loaded.problems)
+    return loaded.config, loaded.discovered
+
+
+def check(
+    path: Optional[str],
+    environ: Mapping[str, str],
+    dev: bool = False,
+    data_dir: Optional[str] = None,
+) -> tuple[Config, Discovered]:
     """
-    Load the config, discover plugins (``plugin_dirs`` come from the config
-    itself) and check every ``type`` against what was found.
+    :func:`load` and every check the daemon runs before it starts (the
+    endpoints, each plugin's own options), all in one run: raises
+    :class:`ConfigError` listing every problem.  ``twistd jwtlet`` and
+    ``jwtlet check-config`` both call this, so the two always agree.
     """
-    directory = Path(data_dir or configuration.DEFAULT_DATA_DIR)
-    raw = configuration.load_raw(path, environ, dev, directory)
-    plugin_dirs = raw.get("plugin_dirs")
-    if isinstance(plugin_dirs, list) and all(isinstance(d, str) for d in plugin_dirs):
-        discovered = discover(plugin_dirs)
-    else:
-        discovered = discover()
-    checked = configuration.parse(raw, dev=dev, data_dir=directory, known_plugins=discovered.known())
-    return checked, discovered
+    loaded = load(path, environ, dev, data_dir)
+    problems = loaded.problems + find_problems(loaded.config, loaded.discovered)
+    if problems:
+        raise ConfigError(problems)
+    return loaded.config, loaded.discovered
 
 
 _LOOPBACK_INTERFACE = re.compile(r"interface=(127\.[0-9.]+|localhost|\\:\\:1|::1)(:|$)")
@@ -73,16 +124,18 @@ _LOOPBACK_INTERFACE = re.compile(r"interface=(127\.[0-9.]+|localhost|\\:\\:1|::1
 def check_endpoints(config: Config, reactor: Any) -> list[str]:
     """The listening endpoints: parseable, and loopback only in ``--dev``."""
     problems = []
-    for key, description in (
-        ("token_exchange_endpoint", config.token_exchange_description()),
-        ("management_endpoint", config.management_description()),
+    for key, description, written in (
+        ("token_exchange_endpoint", config.token_exchange_description(), config.token_exchange_endpoint),
+        ("management_endpoint", config.management_description(), config.management_endpoint),
     ):
         try:
             serverFromString(reactor, description)
         except Exception as error:
             problems.append(f"{key}: not a Twisted endpoint description ({error})")
             continue
-        if config.dev and not description.startswith("unix:") and not _LOOPBACK_INTERFACE.search(description):
+        # An endpoint made of ``bind`` is checked as ``bind`` by the schema: one problem, said once.
+        if (config.dev and written is not None and not description.startswith("unix:")
+                and not _LOOPBACK_INTERFACE.search(description)):
             problems.append(f"{key}: --dev listens on loopback only")
     grpc_endpoint = config.ext_authz.grpc_endpoint if config.ext_authz is not None else None
     if grpc_endpoint is not None:
@@ -100,12 +153,12 @@ def check_endpoints(config: Config, reactor: Any) -> list[str]:
 
 def find_problems(config: Config, discovered: Discovered) -> list[str]:
     """
-    Every problem the daemon reports at start, found without creating
-    anything: the endpoints, and each provider's own options, its providers
-    built with ``check_only`` (no key files, no databases).  ``make_service``
-    and ``jwtlet check-config`` both call this, so the two always agree.
-    The providers get a reactor that never runs: whatever they schedule on
-    it is dropped with them.
+    Every problem found without creating anything beyond the schema's: the
+    endpoints, and each provider's own options, its providers built with
+    ``check_only`` (no key files, no databases).  ``config`` may be one the
+    schema found problems in: its plugins are checked all the same.  The
+    providers get a reactor that never runs: whatever they schedule on it
+    is dropped with them.
     """
     reactor = MemoryReactorClock()
     problems = check_endpoints(config, reactor)
@@ -118,190 +171,24 @@ def find_problems(config: Config, discovered: Discovered) -> list[str]:
         random_bytes=os.urandom,
         check_only=True,
     )
-    providers, provider_problems = _attempt_providers(config, discovered, context)
-    problems.extend(provider_problems)
-    if config.ext_authz is not None:
+    attempt = attempt_providers(config, discovered, context)
+    problems.extend(attempt.problems)
+    if config.ext_authz is not None and is_found(discovered, "validator", config.ext_authz.validator):
         try:
-            build_ext_authz_validator(config.ext_authz, discovered, attrs.evolve(context, store=providers.store))
+            build_ext_authz_validator(config.ext_authz, discovered, attrs.evolve(context, store=attempt.store))
         except PluginConfigError as error:
             problems.extend(error.messages)
     return problems
 
 
-class SequentialMultiService(MultiService):
-    """
-    A ``MultiService`` that stops its children one at a time, last added
-    first, each only after the previous one finished: listeners stop, then
-    in-flight requests drain, then pools close.
-    """
-
-    def stopService(self) -> Deferred[None]:
-        return ensureDeferred(self._stop_in_order())
-
-    async def _stop_in_order(self) -> None:
-        Service.stopService(self)
-        for child in reversed(list(self)):
-            try:
-                await as_deferred(child.stopService())
-            except Exception:
-                log.failure("stopping {service} failed", service=child.name or repr(child))
-
-
-@attrs.define
-class DrainService(Service):
-    """On stop, waits (bounded) for the requests the sites still serve."""
-
-    sites: list[DrainingSite]
-    reactor: Any
-    timeout: float = DRAIN_TIMEOUT_SECS
-
-    def stopService(self) -> Deferred[None]:
-        Service.stopService(self)
-        return ensureDeferred(self._drain())
-
-    async def _drain(self) -> None:
-        for site in self.sites:
-            waiting = site.drain()
-            waiting.addTimeout(self.timeout, self.reactor)
-            try:
-                await waiting
-            except TimeoutError:
-                log.warn("{count} requests still in flight after {timeout}s", count=site.in_flight,
-                         timeout=self.timeout)
-
-
-@attrs.define
-class HTTPClientService(Service):
-    client: Any
-
-    def stopService(self) -> Any:
-        Service.stopService(self)
-        return close_http_client(self.client)
-
-
-DEV_SCOPE = ScopeMapping(scope="read", claims={"role": "reader"})
-DEV_MAPPING = ResourceMapping(
-    client_identifier="system:serviceaccount:default:demo", participant_context="demo", scopes=("read",)
-)
-
-
-#: Written in the data directory once ``--dev`` has seeded its store.
-DEV_SEEDED_MARKER = ".dev-seeded"
-
-
-@attrs.define
-class DevSeed(Service):
-    """
-    Seeds the example scope and mapping of ``--dev`` once per data
-    directory: a marker written after a successful seed means an operator
-    who deleted the examples does not get them back at the next start.
-    """
-
-    store: Any
-    data_dir: Path
-
-    def startService(self) -> None:
-        Service.startService(self)
-        ensureDeferred(self.seed()).addErrback(lambda f: log.failure("seeding the dev store failed", f))
-
-    async def seed(self) -> None:
-        marker = self.data_dir / DEV_SEEDED_MARKER
-        if marker.exists():
-            return
-        for create in (lambda: self.store.add_scope(DEV_SCOPE), lambda: self.store.add_mapping(DEV_MAPPING)):
-            try:
-                await as_deferred(create())
-            except Conflict:
-                pass  # a worker beside us seeded first, or a start that failed before the marker
-        marker.touch(mode=0o600)
-
-
-def dev_instructions(config: Config, data_dir: Path) -> str:
-    token_url = f"http://127.0.0.1:{config.token_exchange_port}"
-    management_url = f"http://127.0.0.1:{config.management_port}"
-    directory = str(data_dir)
-    return "\n".join(
-        [
-            f"jwtlet --dev: token exchange on {token_url}, management on {management_url}",
-            "Exchange a development service account token for a jwtlet token:",
-            f"  TOKEN=$(jwtlet dev-token default:demo --data-dir {directory})",
-            f"  curl -s {token_url}/token"
-            " -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange"
-            " -d subject_token_type=urn:ietf:params:oauth:token-type:jwt"
-            ' --data-urlencode "subject_token=$TOKEN" -d resource=demo -d scope=read',
-            "Administer mappings:",
-            f"  ADMIN=$(jwtlet dev-token jwtlet:admin --data-dir {directory})",
-            f'  curl -s -H "Authorization: Bearer $ADMIN" {management_url}/api/v1/mappings',
-            "",
-        ]
-    )
-
-
-@attrs.define
-class Providers:
-    store: Any
-    signer: Any
-    validator: Any
-
-
-def build_providers(config: Config, discovered: Discovered, context: PluginContext) -> Providers:
-    """Build store, then signer and validator (which may use the store); all problems at once."""
-    providers, problems = _attempt_providers(config, discovered, context)
-    if problems:
-        raise ConfigError(problems)
-    return providers
-
-
-def _attempt_providers(
-    config: Config, discovered: Discovered, context: PluginContext
-) -> tuple[Providers, list[str]]:
-    """Each provider that could be built (``None`` for the others) and every problem found."""
-    problems: list[str] = []
-
-    def attempt(kind: str, section: configuration.PluginSection, ctx: PluginContext) -> Any:
-        try:
-            return build(discovered, kind, section, ctx)
-        except PluginConfigError as error:
-            problems.extend(as_written(config, message) for message in error.messages)
-            return None
-
-    store = attempt("store", config.storage_backend, context)
-    with_store = attrs.evolve(context, store=store)
-    signer = attempt("signer", signer_section(config), with_store)
-    validator = attempt("validator", config.validator, with_store)
-    return Providers(store=store, signer=signer, validator=validator), problems
-
-
-def signer_section(config: Config) -> configuration.PluginSection:
-    """vault-transit takes its options from the top-level ``vault`` table."""
-    if config.signer.type == configuration.VAULT_TRANSIT:
-        options = {**(config.vault or {}), **config.signer.options}
-        return configuration.PluginSection(type=config.signer.type, options=options, section="vault")
-    return config.signer
-
-
-_OPTION = re.compile(r"vault\.(?P<key>[A-Za-z0-9_-]+)")
-
-
-def as_written(config: Config, message: str) -> str:
-    """
-    A provider problem named after the section the operator wrote the option
-    in: vault-transit reads ``vault`` and ``signer`` together (see
-    :func:`signer_section`), so ``key_file`` left under ``signer`` is
-    ``signer.key_file``, not ``vault.key_file``.  Other messages pass as
-    they are.
-    """
-    match = _OPTION.match(message)
-    if match is None or match.group("key") not in config.signer.options:
-        return message
-    return "signer." + message[len("vault."):]
+# -- the apps and the service tree ---------------------------------------------------
 
 
 @attrs.define
 class APIs:
-    """The two Klein apps and the issuer behind the token port."""
+    """The two Klein apps and the exchange behind the token port."""
 
-    issuer: TokenIssuer
+    exchange: Exchange
     token_api: TokenExchangeAPI
     management_api: ManagementAPI
 
@@ -317,43 +204,13 @@ def build_apis(
     readiness = Readiness(
         {"store": providers.store, "signer": providers.signer, "validator": providers.validator}, clock
     )
-    parameters = IssueParameters(
-        issuer=config.issuer,
-        participant_context_claim=config.token.participant_context_claim,
-        ttl_secs=config.token.token_ttl_secs,
-    )
-    signing = Signing(providers.signer, clock, metrics)
-    limiter = RateLimiter(clock, config.rate_limits.per_client_per_sec, config.rate_limits.global_per_sec)
-    issuer = TokenIssuer(
-        validator=providers.validator,
-        store=providers.store,
-        signing=signing,
-        parameters=parameters,
-        client_audience=config.token.client_audience,
-        default_audience=config.token.audience,
-        reject_replays=config.token.reject_replayed_subject_tokens,
-        clock=clock,
-        metrics=metrics,
-        limiter=limiter,
-    )
-    api_keys = None
-    if config.api_keys is not None:
-        api_keys = ApiKeyExchange(
-            verifier=ApiKeyVerifier(providers.store, config.api_keys.prefix),
-            config=config.api_keys,
-            issuer=config.issuer,
-            signing=signing,
-            clock=clock,
-            metrics=metrics,
-            limiter=limiter,
-        )
+    exchange = build_exchange(config, providers.store, providers.signer, providers.validator, clock, metrics)
     token_api = TokenExchangeAPI(
-        issuer=issuer,
+        exchange=exchange,
         signer=providers.signer,
         issuer_url=config.issuer,
         require_subject_token_type=config.token.require_subject_token_type,
         readiness=readiness,
-        api_keys=api_keys,
     )
     management_api = ManagementAPI(
         store=providers.store,
@@ -368,7 +225,7 @@ def build_apis(
         random_bytes=random_bytes,
         clock=clock,
     )
-    return APIs(issuer=issuer, token_api=token_api, management_api=management_api)
+    return APIs(exchange=exchange, token_api=token_api, management_api=management_api)
 
 
 def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiService:
@@ -376,10 +233,8 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
     problems = find_problems(config, discovered)
     if problems:
         raise ConfigError(problems)
-    data_dir = config.data_dir
     if config.dev:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        devissuer.ensure(data_dir)
+        ensure(config.data_dir)  # the dev issuer's key and the JWKS file its validator trusts
     http_client = build_http_client(reactor, ca_file=config.k8s.ca_file)
     metrics = Metrics()
     context = PluginContext(
@@ -387,13 +242,11 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
         clock=reactor,
         http_client=http_client,
         config=config,
-        data_dir=data_dir,
+        data_dir=config.data_dir,
         random_bytes=os.urandom,
+        metrics=metrics,
     )
     providers = build_providers(config, discovered, context)
-    hook = getattr(providers.validator, "on_jwks_refresh", None)
-    if hook is not None:
-        providers.validator.on_jwks_refresh = lambda outcome: metrics.jwks_refresh.labels(outcome).inc()
 
     apis = build_apis(config, providers, reactor, metrics)
     token_api, management_api = apis.token_api, apis.management_api
@@ -401,28 +254,29 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
     if config.ext_authz is not None:
         try:
             ext_authz = build_ext_authz(
-                config, discovered, attrs.evolve(context, store=providers.store), apis.issuer, metrics)
+                config, discovered, attrs.evolve(context, store=providers.store), apis.exchange, metrics)
         except PluginConfigError as error:
             raise ConfigError(list(error.messages)) from None
         token_api.ext_authz = ext_authz.http_resource
     connections = config.limits.max_connections
     sites = [
-        DrainingSite(token_api.app.resource(), body_limits=exchange.BODY_LIMITS, max_connections=connections,
+        DrainingSite(token_api.app.resource(), body_limits=BODY_LIMITS, max_connections=connections,
                      reactor=reactor),
-        DrainingSite(management_api.app.resource(), body_limits=BodyLimits(management.MAX_BODY),
+        DrainingSite(management_api.app.resource(), body_limits=BodyLimits(MAX_BODY),
                      max_connections=connections, reactor=reactor),
     ]
 
     daemon = SequentialMultiService()
     HTTPClientService(http_client).setServiceParent(daemon)
-    for provider in (providers.store, providers.signer, providers.validator):
-        if IService.providedBy(provider) and provider.parent is None:
+    for provider in providers.services():
+        if provider.parent is None:
             provider.setServiceParent(daemon)
     if config.dev:
-        DevSeed(providers.store, data_dir).setServiceParent(daemon)
+        DevSeed(providers.store, config.data_dir).setServiceParent(daemon)
     if ext_authz is not None:
-        if IService.providedBy(ext_authz.decider.validator):
-            ext_authz.decider.validator.setServiceParent(daemon)
+        validator_service = as_service(ext_authz.decider.validator)
+        if validator_service is not None:
+            validator_service.setServiceParent(daemon)
         if ext_authz.grpc_service is not None:
             ext_authz.grpc_service.setServiceParent(daemon)
     DrainService(sites, reactor).setServiceParent(daemon)
@@ -431,8 +285,8 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
     ):
         strports.service(description, site, reactor=reactor).setServiceParent(daemon)
     if config.dev:
-        instructions = dev_instructions(config, data_dir)
-        sys.stderr.write(instructions)
+        text = instructions(config)
+        sys.stderr.write(text)
         sys.stderr.flush()
-        emit(log, "dev.instructions", instructions=instructions)
+        emit(log, "dev.instructions", instructions=text)
     return daemon

@@ -1,29 +1,25 @@
 """
-The API-key exchange (the M-Lab token-exchange contract): a key is checked
-against its stored digest and, for an active key, turned into a short-lived
-JWT for a profile's audience.  Every kind of bad key is the same refusal, so
-nobody can learn which part was wrong.
+API keys as a credential the exchange validates: a key is checked against its
+stored digest and, for an active key, becomes an identity naming the key of
+the integration, with its tier.  Every kind of bad key is the same rejection,
+so nobody can learn which part was wrong.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import attrs
-from twisted.logger import Logger, LogLevel
+from twisted.internet.defer import Deferred, ensureDeferred
+from zope.interface import implementer
 
-from jwtlet._async import as_deferred
 from jwtlet.apikeys import keys as apikeys
-from jwtlet.config.schema import ApiKeyProfile, ApiKeysConfig
-from jwtlet.exchange.pipeline import Signing, new_token_id
-from jwtlet.interfaces import NotFound
-from jwtlet.logs import emit
-from jwtlet.metrics import Metrics
-from jwtlet.model import ApiKeyRecord
-from jwtlet.policy import rate_limited
-from jwtlet.ratelimit import RateLimiter
+from jwtlet.interfaces import IValidator, NotFound, TokenRejected
+from jwtlet.model import ApiKeyRecord, Identity
+from jwtlet.providers import Store, adapt
 
-log = Logger(namespace="jwtlet.apikey")
+#: The ``issuer`` of every API-key identity: no Kubernetes issuer can be it.
+API_KEY_ISSUER = "jwtlet:api-key"
 
 # Compared against when a key id is unknown, so that both paths do the same work.
 _ABSENT_DIGEST = bytes(32)
@@ -33,15 +29,18 @@ class InvalidKey(Exception):
     """Missing, malformed, unknown, revoked or wrong: deliberately one error."""
 
 
-class UnknownProfile(Exception):
-    """No such profile in ``api_keys.profiles``."""
+def _adapted_store(store: object) -> Store:
+    return adapt("store", store)
 
 
-@attrs.define
+@attrs.frozen
 class ApiKeyVerifier:
-    """Checks a presented key against the store."""
+    """
+    Checks a presented key against the store (adapted here when a plugin
+    hands over the store it was built with).
+    """
 
-    store: Any
+    store: Store = attrs.field(converter=_adapted_store)
     prefix: str
 
     async def verify(self, text: Optional[str]) -> ApiKeyRecord:
@@ -49,7 +48,7 @@ class ApiKeyVerifier:
         if parsed is None:
             raise InvalidKey()
         try:
-            record: ApiKeyRecord = await as_deferred(self.store.get_api_key(parsed.integration_id, parsed.key_id))
+            record = await self.store.get_api_key(parsed.integration_id, parsed.key_id)
         except NotFound:
             apikeys.secret_matches(parsed.secret, _ABSENT_DIGEST)
             raise InvalidKey() from None
@@ -58,62 +57,32 @@ class ApiKeyVerifier:
         return record
 
 
-@attrs.define
-class ApiKeyExchange:
-    """API key in, signed JWT out, for one of the configured profiles."""
+def key_identity(record: ApiKeyRecord) -> Identity:
+    """
+    Who holds a verified key: ``apikey:<integration>:<key_id>`` (the name its
+    rate limit and logs use), with ``int_id``, ``key_id`` and ``tier`` in
+    ``extra`` for the claims of its token.
+    """
+    return Identity(
+        username=f"apikey:{record.integration_id}:{record.key_id}",
+        issuer=API_KEY_ISSUER,
+        extra={"int_id": record.integration_id, "key_id": record.key_id, "tier": int(record.tier)},
+    )
+
+
+@implementer(IValidator)
+@attrs.frozen
+class ApiKeyValidator:
+    """The API-key credential as a validator; keys carry no audience, so none is checked."""
 
     verifier: ApiKeyVerifier
-    config: ApiKeysConfig
-    issuer: str
-    signing: Signing
-    clock: Any
-    metrics: Metrics
-    limiter: RateLimiter
-    make_token_id: Callable[[], str] = new_token_id
 
-    def profile(self, name: str) -> ApiKeyProfile:
-        profile = self.config.profiles.get(name)
-        if profile is None:
-            raise UnknownProfile(name)
-        return profile
+    def validate(self, token: str, audience: Optional[str]) -> Deferred[Identity]:
+        return ensureDeferred(self._validate(token))
 
-    async def exchange(self, profile_name: str, key: Optional[str]) -> str:
-        """
-        The token for ``key`` under ``profile_name``.  Raises UnknownProfile,
-        InvalidKey, an ``ExchangeError`` (429, 503, 500) from limits or signing,
-        or ``DependencyUnavailable`` from the store.
-        """
-        profile = self.profile(profile_name)
-        outcome = "refused"
+    async def _validate(self, token: str) -> Identity:
         try:
-            record = await self.verifier.verify(key)
-            # The global budget is spent only by keys that verified (security.md):
-            # a flood of bad keys must not lock out the good ones.
-            retry_after = self.limiter.check_global()
-            if retry_after is None:
-                retry_after = self.limiter.check(f"apikey:{record.integration_id}:{record.key_id}")
-            if retry_after is not None:
-                raise rate_limited(retry_after)
-            now = int(self.clock.seconds())
-            token_id = self.make_token_id()
-            claims = {
-                "iss": self.issuer,
-                "aud": profile.audience,
-                "iat": now,
-                "nbf": now,
-                "exp": now + profile.ttl_secs,
-                "jti": token_id,
-                "int_id": record.integration_id,
-                "key_id": record.key_id,
-                "tier": int(record.tier),
-            }
-            token = await self.signing.sign(claims)
-            outcome = "issued"
-            emit(log, "token.issued", LogLevel.info, client=f"apikey:{record.integration_id}:{record.key_id}",
-                 resource=profile.name, audience=profile.audience, jti=token_id)
-            return token
+            record = await self.verifier.verify(token)
         except InvalidKey:
-            emit(log, "token.refused", LogLevel.info, resource=profile.name, error="invalid_api_key")
-            raise
-        finally:
-            self.metrics.apikey_exchanges.labels(profile.name, outcome).inc()
+            raise TokenRejected("invalid API key") from None
+        return key_identity(record)

@@ -1,27 +1,54 @@
 """
-The token exchange as one sequence of awaits: validate, resolve, apply the
-policy, sign.  Decisions live in :mod:`jwtlet.policy`; this module only
-orders the I/O around them and turns provider errors into refusals.
+The token exchange as one pipeline: validate → resolve → check → claims →
+sign, for every credential kind and every front (``POST /token``,
+``POST /v0/token/{profile}``, the ext_authz ``jwt`` exchange).
+
+What differs between credentials is a :class:`Grant`: the validator that
+checks the credential and the terms its token gets (a resource mapping from
+the store for Kubernetes tokens, a configured profile for API keys).
+Decisions live in :mod:`jwtlet.policy`; this module orders the I/O around
+them, limits rates, logs and counts.  Errors are the domain's
+(:class:`~jwtlet.policy.Refusal`, :class:`~jwtlet.policy.RateLimited`,
+:class:`~jwtlet.policy.ServerError`, :class:`DependencyUnavailable`); each
+port says them in its own words.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Optional
+from typing import Callable, Mapping, Optional, Protocol, Union
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 from jwtlet import policy
-from jwtlet._async import as_deferred
-from jwtlet.interfaces import DependencyUnavailable, IReplayRecord, NotFound, TokenRejected
+from jwtlet.config import ApiKeyProfile, Config
+from jwtlet.exchange.apikeys import ApiKeyValidator, ApiKeyVerifier
+from jwtlet.interfaces import DependencyUnavailable, NotFound, TokenRejected
 from jwtlet.logs import emit
 from jwtlet.metrics import Metrics
-from jwtlet.model import Identity, Resolution
-from jwtlet.policy import ExchangeError, IssueParameters, TokenRequest
+from jwtlet.model import Identity, JSONObject
+from jwtlet.policy import ExchangeRequest, IssueParameters, RateLimited, Refusal, ServerError, Terms
+from jwtlet.providers import Signer, Store, Validator, adapt
 from jwtlet.ratelimit import RateLimiter
 
 log = Logger(namespace="jwtlet.exchange")
+
+#: Every way an exchange can end other than with a token.
+Failure = Union[Refusal, RateLimited, ServerError, DependencyUnavailable]
+FAILURES = (Refusal, RateLimited, ServerError, DependencyUnavailable)
+
+
+def failure_code(error: Failure) -> str:
+    """The RFC 6749 style code a failure is logged and counted as."""
+    if isinstance(error, Refusal):
+        return error.code
+    if isinstance(error, RateLimited):
+        return "rate_limited"
+    if isinstance(error, DependencyUnavailable):
+        return "temporarily_unavailable"
+    return "server_error"
 
 
 def new_token_id() -> str:
@@ -36,169 +63,269 @@ class IssuedToken:
     token_id: str
 
 
-@attrs.define
+@attrs.frozen
 class Signing:
     """Claims to a signed JWT, timed and with its failures classified."""
 
-    signer: Any
-    clock: Any
+    signer: Signer
+    clock: IReactorTime
     metrics: Metrics
 
-    async def sign(self, claims: dict[str, Any]) -> str:
+    async def sign(self, claims: JSONObject) -> str:
         started = self.clock.seconds()
         try:
-            token: str = await as_deferred(self.signer.sign({"typ": "JWT"}, claims))
-        except DependencyUnavailable as error:
-            log.warn("signer unavailable: {reason}", reason=str(error))
-            raise policy.temporarily_unavailable(error.retry_after) from None
+            return await self.signer.sign({"typ": "JWT"}, claims)
+        except DependencyUnavailable:
+            raise  # the port says it (503) and logs it
         except Exception:
             log.failure("signing failed")
-            raise policy.server_error() from None
+            raise ServerError() from None
         finally:
             self.metrics.signer_duration.observe(max(0.0, self.clock.seconds() - started))
-        return token
 
 
-@attrs.define
-class TokenIssuer:
-    """Decides RFC 8693 exchanges and issues the tokens."""
+class Grant(Protocol):
+    """How one kind of credential becomes a token."""
 
-    validator: Any
-    store: Any
-    signing: Signing
+    @property
+    def validator(self) -> Validator:
+        """Checks the credential."""
+
+    @property
+    def audience(self) -> Optional[str]:
+        """The audience the credential must have been issued for, if any."""
+
+    @property
+    def takes_actor(self) -> bool:
+        """Whether an ``actor_token`` takes part (RFC 8693 delegation)."""
+
+    def check_target(self, request: ExchangeRequest) -> None:
+        """Refuse, before any I/O, a target that cannot exist."""
+
+    async def terms(self, subject: Identity, actor: Optional[Identity], request: ExchangeRequest) -> Terms:
+        """Resolve and check: what the token for ``subject`` gets."""
+
+    def count(self, request: ExchangeRequest, outcome: str, error: str) -> None:
+        """Count one decision in this grant's metric."""
+
+
+@attrs.frozen
+class MappingGrant:
+    """RFC 8693 for a Kubernetes identity: the store's resource mapping decides."""
+
+    validator: Validator
+    store: Store
     parameters: IssueParameters
     client_audience: str
     default_audience: str
     reject_replays: bool
-    clock: Any
+    clock: IReactorTime
     metrics: Metrics
-    limiter: RateLimiter
-    make_token_id: Callable[[], str] = new_token_id
+    takes_actor: bool = True
 
-    def limit(self, retry_after: Optional[int]) -> None:
-        if retry_after is not None:
-            raise policy.rate_limited(retry_after)
+    @property
+    def audience(self) -> Optional[str]:
+        return self.client_audience
 
-    async def validate(self, token: str, audience: Optional[str]) -> Identity:
-        """Step 1, for subject and actor tokens alike."""
-        started = self.clock.seconds()
+    def check_target(self, request: ExchangeRequest) -> None:
+        """Any participant context may be asked for; the mapping decides."""
+
+    async def terms(self, subject: Identity, actor: Optional[Identity], request: ExchangeRequest) -> Terms:
         try:
-            identity: Identity = await as_deferred(self.validator.validate(token, audience))
-        except TokenRejected as error:
-            log.info("token rejected: {reason}", reason=str(error))
-            raise policy.invalid_grant() from None
-        except DependencyUnavailable as error:
-            log.warn("validator unavailable: {reason}", reason=str(error))
-            raise policy.temporarily_unavailable(error.retry_after) from None
-        finally:
-            self.metrics.validator_duration.observe(max(0.0, self.clock.seconds() - started))
-        return identity
-
-    async def resolve(self, client: str, request: TokenRequest) -> Resolution:
-        """Step 2's lookup: the mapping and scope mappings in one round trip."""
-        try:
-            resolution: Resolution = await as_deferred(
-                self.store.resolve(client, request.resource, request.scopes)
-            )
+            resolution = await self.store.resolve(subject.username, request.resource, request.scopes)
         except NotFound:
             raise policy.unauthorized_client("no mapping for this client and resource") from None
-        except DependencyUnavailable as error:
-            log.warn("store unavailable: {reason}", reason=str(error))
-            raise policy.temporarily_unavailable(error.retry_after) from None
+        except DependencyUnavailable:
+            raise  # the port says it (503) and logs it
         except Exception:
             log.failure("store failed to resolve a mapping")
-            raise policy.server_error() from None
-        return resolution
+            raise ServerError() from None
+        terms = policy.mapping_terms(
+            self.parameters, resolution, request, self.default_audience, subject, actor)
+        await self.check_replay(subject)
+        return terms
 
     async def check_replay(self, identity: Identity) -> None:
         if not (self.reject_replays and identity.token_id):
             return
-        if not IReplayRecord.providedBy(self.store):
-            raise policy.server_error()
+        if not self.store.records_token_ids:
+            raise ServerError()
         # Remembered for as long as the validator would still accept the token
         # (exp plus its leeway): forgetting it at exp would let it be replayed
         # inside the leeway.
         remember_until = identity.accepted_until or identity.expires_at or (self.clock.seconds() + 3600)
-        try:
-            first = await as_deferred(
-                self.store.record_token_id(identity.issuer, identity.token_id, remember_until)
-            )
-        except DependencyUnavailable as error:
-            raise policy.temporarily_unavailable(error.retry_after) from None
-        if not first:
+        if not await self.store.record_token_id(identity.issuer, identity.token_id, remember_until):
             log.info("subject token replayed")
             raise policy.invalid_grant()
 
-    async def exchange(self, request: TokenRequest) -> IssuedToken:
-        """The whole RFC 8693 decision for a request from ``POST /token``."""
+    def count(self, request: ExchangeRequest, outcome: str, error: str) -> None:
+        self.metrics.exchanges.labels(outcome, error).inc()
+
+
+@attrs.frozen
+class ApiKeyGrant:
+    """An API key for one of the configured profiles (the M-Lab contract)."""
+
+    validator: Validator
+    profiles: Mapping[str, ApiKeyProfile]
+    metrics: Metrics
+    audience: Optional[str] = None
+    takes_actor: bool = False
+
+    def check_target(self, request: ExchangeRequest) -> None:
+        # Before the key is looked at: an unknown profile is the answer
+        # whatever the key, and never becomes a metric label.
+        if request.resource not in self.profiles:
+            raise policy.invalid_target("unknown API-key profile")
+
+    async def terms(self, subject: Identity, actor: Optional[Identity], request: ExchangeRequest) -> Terms:
+        profile = self.profiles[request.resource]
+        return policy.api_key_terms(profile.audience, profile.ttl_secs, subject)
+
+    def count(self, request: ExchangeRequest, outcome: str, error: str) -> None:
+        self.metrics.apikey_exchanges.labels(request.resource, outcome).inc()
+
+
+@attrs.define
+class Exchange:
+    """Decides exchanges and issues the tokens, whatever the credential."""
+
+    mappings: MappingGrant
+    signing: Signing
+    issuer: str
+    participant_context_claim: str
+    clock: IReactorTime
+    metrics: Metrics
+    limiter: RateLimiter
+    api_keys: Optional[ApiKeyGrant] = None
+    make_token_id: Callable[[], str] = new_token_id
+
+    def grant_for(self, request: ExchangeRequest) -> Grant:
+        if not request.is_api_key:
+            return self.mappings
+        if self.api_keys is None:
+            raise policy.invalid_request("unsupported subject_token_type")
+        return self.api_keys
+
+    async def exchange(self, request: ExchangeRequest) -> IssuedToken:
+        """The whole decision for a request from ``POST /token`` or ``/v0/token``."""
+        grant = self.grant_for(request)
+        grant.check_target(request)
         started = self.clock.seconds()
         client: Optional[str] = None
         try:
-            subject = await self.validate(request.subject_token, self.client_audience)
+            subject = await self.validate(grant, request.subject_token)
             client = subject.username
             actor = None
-            if request.actor_token is not None:
-                actor = await self.validate(request.actor_token, self.client_audience)
-            # Counted only once the tokens validated, so that a flood of
-            # rejected tokens never uses up the budget of valid clients.
+            if request.actor_token is not None and grant.takes_actor:
+                actor = await self.validate(grant, request.actor_token)
+            # Spent only once the credentials validated, so that a flood of
+            # rejected ones never uses up the budget of valid clients.
             self.limit(self.limiter.check_global())
-        except ExchangeError as refusal:
-            self.refused(client, request, refusal)
+        except FAILURES as error:
+            self.refused(grant, client, request, error)
             raise
         try:
-            return await self.issue_for(subject, request, actor)
+            return await self.issue(grant, subject, request, actor)
         finally:
             self.metrics.exchange_duration.observe(max(0.0, self.clock.seconds() - started))
 
-    async def issue_for(
-        self, subject: Identity, request: TokenRequest, actor: Optional[Identity] = None
-    ) -> IssuedToken:
+    async def issue_for(self, subject: Identity, request: ExchangeRequest) -> IssuedToken:
         """
-        Steps 2 to 5 for an identity already validated (by ``/token`` or by the
+        A resource mapping's token for an identity already validated (by the
         ext_authz front, which has its own validator).
         """
+        return await self.issue(self.mappings, subject, request)
+
+    async def validate(self, grant: Grant, token: str) -> Identity:
+        """Step 1, for subject and actor credentials alike."""
+        started = self.clock.seconds()
+        try:
+            return await grant.validator.validate(token, grant.audience)
+        except TokenRejected as error:
+            log.info("token rejected: {reason}", reason=str(error))
+            raise policy.invalid_grant() from None
+        finally:
+            self.metrics.validator_duration.observe(max(0.0, self.clock.seconds() - started))
+
+    async def issue(
+        self, grant: Grant, subject: Identity, request: ExchangeRequest, actor: Optional[Identity] = None
+    ) -> IssuedToken:
+        """Steps 2 to 5: resolve, check, claims, sign."""
         client = subject.username
         try:
             self.limit(self.limiter.check(client))
-            resolution = await self.resolve(client, request)
-            policy.check_scopes_allowed(resolution.mapping, request.scopes)
-            reserved = policy.reserved_claims(self.parameters.participant_context_claim)
-            scope_claims = policy.expand_scopes(request.scopes, resolution.scopes, reserved)
-            audience = policy.choose_audience(
-                request.audiences, resolution.mapping.audiences, self.default_audience
-            )
-            await self.check_replay(subject)
+            terms = await grant.terms(subject, actor, request)
             token_id = self.make_token_id()
             claims = policy.token_claims(
-                self.parameters,
-                request.resource,
-                audience,
-                scope_claims,
-                policy.actor_claim(subject, actor),
-                int(self.clock.seconds()),
-                token_id,
-            )
+                self.issuer, self.participant_context_claim, terms, int(self.clock.seconds()), token_id)
             token = await self.signing.sign(claims)
-        except ExchangeError as refusal:
-            self.refused(client, request, refusal)
+        except FAILURES as error:
+            self.refused(grant, client, request, error)
             raise
-        self.metrics.exchanges.labels("issued", "").inc()
+        grant.count(request, "issued", "")
         emit(
             log, "token.issued", LogLevel.info,
-            client=client, resource=request.resource, scopes=list(request.scopes),
-            audience=audience, jti=token_id,
+            client=client, resource=request.resource, scopes=list(terms.scopes),
+            audience=terms.audience, jti=token_id,
         )
         return IssuedToken(
             access_token=token,
-            expires_in=self.parameters.ttl_secs,
-            scope=policy.granted_scope(request.scopes),
+            expires_in=terms.ttl_secs,
+            scope=policy.granted_scope(terms.scopes),
             token_id=token_id,
         )
 
-    def refused(self, client: Optional[str], request: TokenRequest, refusal: ExchangeError) -> None:
-        self.metrics.exchanges.labels("refused", refusal.code).inc()
+    def limit(self, retry_after: Optional[int]) -> None:
+        if retry_after is not None:
+            raise RateLimited(retry_after)
+
+    def refused(self, grant: Grant, client: Optional[str], request: ExchangeRequest, error: Failure) -> None:
+        code = failure_code(error)
+        grant.count(request, "refused", code)
         emit(
             log, "token.refused", LogLevel.info,
             client=client, resource=request.resource, scopes=list(request.scopes),
-            audience=list(request.audiences), error=refusal.code,
+            audience=list(request.audiences), error=code,
         )
+
+
+def build_exchange(
+    config: Config,
+    store: Store,
+    signer: Signer,
+    validator: Validator,
+    clock: IReactorTime,
+    metrics: Metrics,
+) -> Exchange:
+    """The exchange the config describes, over built providers; API keys only when ``api_keys`` is set."""
+    api_keys = None
+    if config.api_keys is not None:
+        api_keys = ApiKeyGrant(
+            validator=adapt("validator", ApiKeyValidator(ApiKeyVerifier(store, config.api_keys.prefix))),
+            profiles=config.api_keys.profiles,
+            metrics=metrics,
+        )
+    return Exchange(
+        mappings=MappingGrant(
+            validator=validator,
+            store=store,
+            parameters=IssueParameters(
+                issuer=config.issuer,
+                participant_context_claim=config.token.participant_context_claim,
+                ttl_secs=config.token.token_ttl_secs,
+            ),
+            client_audience=config.token.client_audience,
+            default_audience=config.token.audience,
+            reject_replays=config.token.reject_replayed_subject_tokens,
+            clock=clock,
+            metrics=metrics,
+        ),
+        signing=Signing(signer, clock, metrics),
+        issuer=config.issuer,
+        participant_context_claim=config.token.participant_context_claim,
+        clock=clock,
+        metrics=metrics,
+        limiter=RateLimiter(clock, config.rate_limits.per_client_per_sec, config.rate_limits.global_per_sec),
+        api_keys=api_keys,
+    )

@@ -2,8 +2,9 @@
 The Envoy ext_authz front, independent of transport: check the workload's
 ``authorization`` header, then swap its token for one valid in the target
 cluster (``kubernetes-tokenrequest``) or for a jwtlet-signed JWT (``jwt``).
-Dependencies down raise :class:`DependencyUnavailable`: the transports turn
-that into 503 / UNAVAILABLE, never into an allow.  Nothing else ever leaves
+Dependencies down raise :class:`DependencyUnavailable`: the fronts
+(:mod:`.http_front`, :mod:`.grpc_server`) turn that into 503 / UNAVAILABLE,
+never into an allow.  Nothing else ever leaves
 :meth:`ExtAuthz.check` as an error: Envoy applies ``failure_mode_allow`` to
 errors, so a credential that makes something fail must still be a deny.
 """
@@ -11,23 +12,20 @@ errors, so a credential that makes something fail must still be a deny.
 from __future__ import annotations
 
 import traceback
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional, Protocol
 
 import attrs
 from twisted.logger import Logger, LogLevel
 
-from jwtlet._async import as_deferred
-from jwtlet.config.schema import Config, ExtAuthzConfig
-from jwtlet.discovery import Discovered, build
-from jwtlet.exchange.pipeline import TokenIssuer
-from jwtlet.interfaces import DependencyUnavailable, PluginContext, TokenRejected
+from jwtlet.exchange.pipeline import Exchange
+from jwtlet.interfaces import DependencyUnavailable, TokenRejected
 from jwtlet.kubernetes.tokenrequest import Denied, TokenRequestClient
 from jwtlet.logs import emit
 from jwtlet.metrics import Metrics
 from jwtlet.model import Identity
-from jwtlet.outbound import TokenFile, build_http_client
-from jwtlet.policy import ExchangeError, TokenRequest
-from jwtlet.web.management_api import bearer_token
+from jwtlet.policy import ExchangeRequest, RateLimited, Refusal, ServerError
+from jwtlet.providers import Validator
+from jwtlet.web.requests import bearer_token
 
 log = Logger(namespace="jwtlet.ext_authz")
 
@@ -58,6 +56,13 @@ def from_source_cluster(identity: Identity, source_issuers: Optional[frozenset[s
     return source_issuers is None or identity.issuer in source_issuers
 
 
+class Exchanger(Protocol):
+    """Swaps a checked identity's token for the one the upstream accepts."""
+
+    async def exchange(self, identity: Identity, resource: Optional[str]) -> Decision:
+        """The decision for ``identity`` asking for ``resource`` (a participant context, if any)."""
+
+
 @attrs.define
 class TokenRequestExchange:
     client: TokenRequestClient
@@ -81,18 +86,22 @@ class TokenRequestExchange:
 
 @attrs.define
 class JwtExchange:
-    issuer: TokenIssuer
+    """A jwtlet token for the participant context asked for, from the exchange's resource mappings."""
+
+    pipeline: Exchange
 
     async def exchange(self, identity: Identity, resource: Optional[str]) -> Decision:
         if not resource:
             return Decision.deny(403, "no participant context requested")
-        request = TokenRequest(subject_token="", subject_token_type=None, resource=resource)
+        request = ExchangeRequest(subject_token="", subject_token_type=None, resource=resource)
         try:
-            issued = await self.issuer.issue_for(identity, request)
-        except ExchangeError as refusal:
-            if refusal.status == 503:
-                raise DependencyUnavailable(refusal.description, refusal.retry_after or 5) from None
+            issued = await self.pipeline.issue_for(identity, request)
+        except Refusal as refusal:
             return Decision.deny(403, refusal.code)
+        except RateLimited:
+            return Decision.deny(403, "rate_limited")
+        except ServerError:
+            return Decision.deny(403, "server_error")
         return Decision.allow(issued.access_token)
 
 
@@ -111,9 +120,9 @@ def failed(error: Exception, mode: str) -> Decision:
 
 @attrs.define
 class ExtAuthz:
-    validator: Any
+    validator: Validator
     audience: Optional[str]
-    exchanger: Any
+    exchanger: Exchanger
     resource_header: str
     metrics: Metrics
 
@@ -122,7 +131,9 @@ class ExtAuthz:
         """``headers`` with lower-cased names, as Envoy sends them."""
         try:
             decision = await self._decide(headers, context_extensions or {})
-        except DependencyUnavailable:
+        except DependencyUnavailable as error:
+            # Logged here, the one place for both fronts: its message names the dependency.
+            log.warn("dependency unavailable: {reason}", reason=str(error))
             self.metrics.ext_authz_checks.labels(mode, "error").inc()
             raise
         except Exception as error:
@@ -138,59 +149,9 @@ class ExtAuthz:
         if token is None:
             return Decision.deny(401, "missing or malformed bearer token")
         try:
-            identity = await as_deferred(self.validator.validate(token, self.audience))
+            identity = await self.validator.validate(token, self.audience)
         except TokenRejected as error:
             log.info("ext_authz token rejected: {reason}", reason=str(error))
             return Decision.deny(401, "token rejected")
         resource = extensions.get("resource") or headers.get(self.resource_header)
-        decision: Decision = await self.exchanger.exchange(identity, resource)
-        return decision
-
-
-@attrs.frozen
-class ExtAuthzParts:
-    """What the daemon mounts: the decision, and the HTTP resource / gRPC service when on."""
-
-    decider: ExtAuthz
-    http_resource: Any
-    grpc_service: Any
-
-
-def build_ext_authz_validator(settings: ExtAuthzConfig, discovered: Discovered, context: PluginContext) -> Any:
-    """The front's own validator; option problems raise ``PluginConfigError`` naming ``ext_authz.validator``."""
-    section = attrs.evolve(settings.validator, section="ext_authz.validator")
-    return build(discovered, "validator", section, context)
-
-
-def build_ext_authz(
-    config: Config, discovered: Discovered, context: PluginContext, issuer: TokenIssuer, metrics: Metrics
-) -> ExtAuthzParts:
-    from jwtlet.extauthz.grpc_server import GrpcService
-    from jwtlet.extauthz.http_front import ExtAuthzHTTP
-
-    settings = config.ext_authz
-    assert settings is not None
-    validator = build_ext_authz_validator(settings, discovered, context)
-    exchanger: Any
-    if settings.exchange == "kubernetes-tokenrequest":
-        target = settings.target_cluster
-        assert target is not None
-        exchanger = TokenRequestExchange(
-            TokenRequestClient(
-                api_server_url=target.api_server_url,
-                own_token=TokenFile(target.token_file),
-                http_client=build_http_client(context.reactor, ca_file=target.ca_file),
-                clock=context.clock,
-                audiences=target.audiences,
-                expiration_secs=target.expiration_secs,
-            ),
-            metrics,
-            frozenset(settings.source_issuers) if settings.source_issuers is not None else None,
-        )
-    else:
-        exchanger = JwtExchange(issuer)
-    decider = ExtAuthz(validator, settings.audience, exchanger, settings.resource_header, metrics)
-    http_resource = ExtAuthzHTTP(decider).app.resource() if settings.http else None
-    grpc_service = (GrpcService(decider, settings.grpc_endpoint, context.reactor)
-                    if settings.grpc_endpoint else None)
-    return ExtAuthzParts(decider, http_resource, grpc_service)
+        return await self.exchanger.exchange(identity, resource)

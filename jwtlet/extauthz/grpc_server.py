@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Optional
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -23,7 +23,8 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
 from jwtlet.extauthz.decide import Decision, ExtAuthz, failed
@@ -67,11 +68,13 @@ def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(self, decider: ExtAuthz, reactor: Any):
+    def __init__(self, decider: ExtAuthz, reactor: IReactorFromThreads):
         self.decider = decider
         self.reactor = reactor
 
-    def Check(self, request: Any, context: Any) -> external_auth_pb2.CheckResponse:  # noqa: N802 - gRPC name
+    def Check(  # noqa: N802 - gRPC name
+        self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
         headers = {name.lower(): value for name, value in http.headers.items()}
         extensions = dict(request.attributes.context_extensions)
@@ -94,7 +97,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 class GrpcService(Service):
     """The gRPC listener, started and stopped with the daemon."""
 
-    def __init__(self, decider: ExtAuthz, description: str, reactor: Any, workers: int = 8):
+    def __init__(self, decider: ExtAuthz, description: str, reactor: IReactorFromThreads, workers: int = 8):
         self.address = grpc_address(description)
         self.decider = decider
         self.reactor = reactor
@@ -115,12 +118,10 @@ class GrpcService(Service):
         server.start()
         self.server = server
 
-    def stopService(self) -> Deferred[Any]:
+    def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         server, self.server = self.server, None
         if server is None:
-            done: Deferred[Any] = Deferred()
-            done.callback(None)
-            return done
+            return succeed(None)
         stopped = server.stop(grace=5)
-        return deferToThread(stopped.wait, 10)
+        return deferToThread(stopped.wait, 10).addCallback(lambda _: None)

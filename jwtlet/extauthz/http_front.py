@@ -7,7 +7,7 @@ JSON body, 503 when a dependency is down (Envoy then applies its own
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 from klein import Klein
@@ -15,7 +15,7 @@ from twisted.web.iweb import IRequest
 
 from jwtlet.extauthz.decide import ExtAuthz
 from jwtlet.interfaces import DependencyUnavailable
-from jwtlet.web.common import json_response, unavailable_headers
+from jwtlet.web.responses import json_response, retry_after
 
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"]
 
@@ -27,7 +27,7 @@ class ExtAuthzHTTP:
     decider: ExtAuthz
 
     @app.route("/", branch=True, methods=_METHODS)
-    async def check(self, request: IRequest) -> Any:
+    async def check(self, request: IRequest) -> bytes:
         headers = {
             name.decode("latin-1").lower(): values[-1].decode("latin-1")
             for name, values in request.requestHeaders.getAllRawHeaders()
@@ -36,7 +36,7 @@ class ExtAuthzHTTP:
             decision = await self.decider.check(headers, "http")
         except DependencyUnavailable as down:
             return json_response(request, {"error": "temporarily_unavailable"}, 503,
-                                 unavailable_headers(down.retry_after))
+                                 retry_after(down.retry_after))
         if decision.allowed:
             request.setHeader(b"authorization", f"Bearer {decision.token}".encode())
             request.setResponseCode(200)

@@ -2,22 +2,21 @@
 What a Kubernetes service-account token says, from its claims alone: who it
 names (the ``kubernetes.io`` claim of projected tokens, the flat claims of
 legacy secret tokens, or a strict ``system:serviceaccount:<ns>:<name>``
-subject) and until when it may be used.  Also what both Kubernetes validators
-share about their peers: how JSON a hostile peer wrote is read, and which
-URLs they may connect to.  Pure.
+subject) and until when it may be used, and the username prefixes that keep
+two clusters' accounts apart.  Pure.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any, Mapping, Optional
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import attrs
 
-from jwtlet.config.schema import is_loopback_host
-from jwtlet.interfaces import TokenRejected
+from jwtlet import jwtverify
+
+if TYPE_CHECKING:
+    from jwtlet.config import Config
 
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 # DNS-1123 labels (namespaces) and subdomains (service-account names).
@@ -41,15 +40,15 @@ class ServiceAccount:
         return ("system:serviceaccounts", f"system:serviceaccounts:{self.namespace}", "system:authenticated")
 
 
-def valid_namespace(value: Any) -> bool:
+def valid_namespace(value: object) -> bool:
     return isinstance(value, str) and _NAMESPACE.fullmatch(value) is not None
 
 
-def valid_name(value: Any) -> bool:
+def valid_name(value: object) -> bool:
     return isinstance(value, str) and _NAME.fullmatch(value) is not None
 
 
-def from_username(username: Any) -> Optional[ServiceAccount]:
+def from_username(username: object) -> Optional[ServiceAccount]:
     """``system:serviceaccount:<ns>:<name>`` strictly, else ``None``."""
     if not isinstance(username, str) or not username.startswith(SERVICE_ACCOUNT_PREFIX):
         return None
@@ -59,11 +58,11 @@ def from_username(username: Any) -> Optional[ServiceAccount]:
     return ServiceAccount(parts[0], parts[1])
 
 
-def _uid(value: Any) -> Optional[str]:
+def _uid(value: object) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
-def from_claims(claims: Mapping[str, Any]) -> Optional[ServiceAccount]:
+def from_claims(claims: jwtverify.Claims) -> Optional[ServiceAccount]:
     """The service account of a verified token's claims, or ``None``."""
     subject = from_username(claims.get("sub"))
     nested = claims.get("kubernetes.io")
@@ -91,97 +90,28 @@ def from_claims(claims: Mapping[str, Any]) -> Optional[ServiceAccount]:
     return found
 
 
-# -- hostile JSON ---------------------------------------------------------------
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # RFC 7515 §4 / RFC 7519 §4: parsers that keep the first and parsers that
-    # keep the last member would disagree about what was signed.
-    members = dict(pairs)
-    if len(members) != len(pairs):
-        raise ValueError("duplicate member")
-    return members
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def strict_json(data: bytes) -> Any:
-    """
-    JSON from a token, a JWKS or a discovery document, where every way it can
-    be hostile is a ``ValueError``: invalid UTF-8, duplicate members,
-    ``NaN``/``Infinity``, integers past Python's digit limit, and nesting too
-    deep for the parser (``RecursionError`` otherwise).
-    """
-    try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
 # -- lifetime -------------------------------------------------------------------
 
-#: NumericDates past this (year 2286) are nonsense, and would make float
-#: arithmetic on them meaningless.
-_LAST_DATE = 1e13
 
-
-def numeric_date(claims: Mapping[str, Any], name: str) -> Optional[float]:
-    """A NumericDate claim, ``None`` when absent; anything else is a rejection."""
-    value = claims.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < _LAST_DATE:
-        raise TokenRejected(f"'{name}' is not a NumericDate")
-    return float(value)
-
-
-def usable_until(claims: Mapping[str, Any], now: float, leeway: float, max_age: float) -> float:
+def usable_until(claims: jwtverify.Claims, now: float, leeway: float, max_age: float) -> float:
     """
-    The instant a token's claims stop it being usable (leeway not included),
-    or :class:`TokenRejected` when it is not usable at ``now``.
-
-    That is the earliest of ``exp``; ``kubernetes.io.warnafter``, because
-    Kubernetes stretches ``exp`` of pod tokens to a year for clients that do
-    not refresh and marks the real limit there; and ``iat`` plus ``max_age``.
-    A token without ``iat`` is refused: its age cannot be bounded, and the
-    tokens that lack it (legacy secret-based ones, which have no ``exp``
-    either) are exactly the never-expiring credentials the bound is for.
+    :func:`jwtlet.jwtverify.usable_until` with one more limit:
+    ``kubernetes.io.warnafter``, because Kubernetes stretches ``exp`` of pod
+    tokens to a year for clients that do not refresh and marks the real limit
+    there.
     """
-    expires = numeric_date(claims, "exp")
-    if expires is None:
-        raise TokenRejected("no 'exp'")
-    issued = numeric_date(claims, "iat")
-    if issued is None:
-        raise TokenRejected("no 'iat'")
-    if now + leeway < issued:
-        raise TokenRejected("issued in the future")
-    not_before = numeric_date(claims, "nbf")
-    if not_before is not None and now + leeway < not_before:
-        raise TokenRejected("not yet valid")
-    limits = [(expires, "expired"), (issued + max_age, "older than token.max_subject_token_age_secs")]
     nested = claims.get("kubernetes.io")
-    warn_after = numeric_date(nested, "warnafter") if isinstance(nested, Mapping) else None
-    if warn_after is not None:
-        limits.append((warn_after, "past its kubernetes.io.warnafter"))
-    for limit, reason in limits:
-        if now > limit + leeway:
-            raise TokenRejected(reason)
-    return min(limit for limit, _ in limits)
+    warn_after = jwtverify.numeric_date(nested, "warnafter") if isinstance(nested, Mapping) else None
+    limits = [(warn_after, "past its kubernetes.io.warnafter")] if warn_after is not None else []
+    return jwtverify.usable_until(claims, now, leeway, max_age, limits)
 
 
-def max_subject_token_age(config: Any) -> float:
+def max_subject_token_age(config: Config) -> float:
     """``token.max_subject_token_age_secs`` of the parsed config."""
     return float(config.token.max_subject_token_age_secs)
 
 
 # -- username prefixes ----------------------------------------------------------
-
-
-def prefix_problem(value: Any) -> Optional[str]:
-    """Why ``username_prefix`` is unusable, or ``None``."""
-    return None if isinstance(value, str) else "must be a string"
 
 
 def distinct_prefix_problems(prefixes: list[tuple[str, str]]) -> list[str]:
@@ -201,25 +131,3 @@ def distinct_prefix_problems(prefixes: list[tuple[str, str]]) -> list[str]:
         else:
             seen[prefix] = path
     return problems
-
-
-# -- outbound URLs --------------------------------------------------------------
-
-
-def outbound_url_problem(url: Any, dev: bool) -> Optional[str]:
-    """
-    Why jwtlet must not connect to ``url``, or ``None``: it must be https,
-    or http to a loopback host, or http anywhere in ``--dev``.  Plain http
-    elsewhere would let anyone on the path swap the keys or read the bearer
-    token sent with the request.
-    """
-    try:
-        parts = urlsplit(url) if isinstance(url, str) else None
-        host = parts.hostname if parts is not None else None
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        parts = host = None
-    if parts is None or parts.scheme not in ("https", "http") or not host:
-        return "must be an absolute https URL"
-    if parts.scheme == "http" and not (dev or is_loopback_host(host)):
-        return "must be https (http only to a loopback host or with --dev)"
-    return None

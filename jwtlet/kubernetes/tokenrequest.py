@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import calendar
 import time
-from collections import OrderedDict
-from typing import Any, Optional
+from typing import Optional
 
 import attrs
-from twisted.logger import Logger
+from treq.client import HTTPClient
+from twisted.internet.interfaces import IReactorTime
 
+from jwtlet.cache import ExpiringCache
 from jwtlet.interfaces import DependencyUnavailable
-from jwtlet.outbound import TokenFile, post_json
-
-log = Logger(namespace="jwtlet.tokenrequest")
+from jwtlet.kubernetes.apiserver import APIServer
+from jwtlet.model import JSONValue
+from jwtlet.outbound import TokenFile
 
 MAX_CACHED = 10_000
 
@@ -41,17 +42,22 @@ def parse_timestamp(text: str) -> float:
 class TokenRequestClient:
     api_server_url: str
     own_token: TokenFile
-    http_client: Any
-    clock: Any
+    http_client: HTTPClient
+    clock: IReactorTime
     audiences: tuple[str, ...]
     expiration_secs: int
     timeout: float = 5.0
-    _cache: OrderedDict[tuple[str, str], TargetToken] = attrs.field(factory=OrderedDict)
+    _api: APIServer = attrs.field(init=False)
+    _cache: ExpiringCache[tuple[str, str], TargetToken] = attrs.field(init=False)
 
-    def fresh(self, cached: TargetToken, now: float) -> bool:
-        # Refresh when a tenth of the lifetime (at least a minute) is left.
-        margin = max(60.0, self.expiration_secs / 10)
-        return now < cached.expires_at - margin
+    def __attrs_post_init__(self) -> None:
+        self._api = APIServer(self.api_server_url, self.own_token, self.http_client, self.clock, self.timeout,
+                              credential="target cluster token")
+        self._cache = ExpiringCache(MAX_CACHED, self.clock)
+
+    def refresh_at(self, issued: TargetToken) -> float:
+        """When a cached token is replaced: a tenth of the lifetime (at least a minute) before it expires."""
+        return issued.expires_at - max(60.0, self.expiration_secs / 10)
 
     async def token_for(
         self, issuer: str, namespace: str, name: str, uid: Optional[str]
@@ -62,27 +68,20 @@ class TokenRequestClient:
         entry, even where their UIDs or names agree.
         """
         key = (issuer, uid or f"{namespace}/{name}")
-        now = self.clock.seconds()
         cached = self._cache.get(key)
-        if cached is not None and self.fresh(cached, now):
-            self._cache.move_to_end(key)
+        if cached is not None:
             return cached, True
         issued = await self._request(namespace, name)
-        self._cache[key] = issued
-        self._cache.move_to_end(key)
-        while len(self._cache) > MAX_CACHED:
-            self._cache.popitem(last=False)
+        self._cache.put(key, issued, self.refresh_at(issued))
         return issued, False
 
     async def _request(self, namespace: str, name: str) -> TargetToken:
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                 "spec": {"audiences": list(self.audiences), "expirationSeconds": self.expiration_secs}}
         path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
-        code, answer = await self._post(path, body, refresh=False)
-        if code == 401:
-            code, answer = await self._post(path, body, refresh=True)
+        code, answer = await self._api.post(path, body, "TokenRequest")
         if code == 201:
-            status: Any = answer.get("status") if isinstance(answer, dict) else None
+            status: JSONValue = answer.get("status") if isinstance(answer, dict) else None
             try:
                 return TargetToken(str(status["token"]), parse_timestamp(status["expirationTimestamp"]))
             except (KeyError, TypeError, ValueError):
@@ -90,11 +89,3 @@ class TokenRequestClient:
         if code in (403, 404, 422, 400):
             raise Denied(f"TokenRequest for {namespace}/{name}: HTTP {code}")
         raise DependencyUnavailable(f"TokenRequest: HTTP {code}")
-
-    async def _post(self, path: str, body: dict[str, Any], refresh: bool) -> tuple[int, Any]:
-        try:
-            own = self.own_token.refused() if refresh else self.own_token.read()
-        except (OSError, ValueError) as error:
-            raise DependencyUnavailable(f"target cluster token: {error}") from None
-        return await post_json(self.http_client, self.api_server_url + path, body, own, self.timeout, self.clock,
-                               "TokenRequest")

@@ -1,11 +1,12 @@
 """
 In-memory stand-ins for plugin providers, for tests of the core and of
-users' own code: a validator that knows a fixed set of tokens.
+users' own code: a validator that knows a fixed set of tokens, and a switch
+that takes any provider down as an outage of its backing service would.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -52,3 +53,24 @@ class StaticValidator:
         if audience is not None and audience != expected:
             return fail(TokenRejected("wrong audience"))
         return succeed(identity)
+
+
+@attrs.define
+class Interruptible:
+    """
+    Any provider (a store, a signer) behind a switch: while ``down``, every
+    method call fails with :class:`DependencyUnavailable`, as it does when
+    the database or service behind the provider is unreachable.
+    """
+
+    provider: Any
+    down: bool = False
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.provider, name)
+        if not self.down or not callable(method):
+            return method
+        return self._unavailable
+
+    def _unavailable(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return fail(DependencyUnavailable("the provider's backing service is down"))

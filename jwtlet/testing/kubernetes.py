@@ -6,7 +6,9 @@ TokenRequest (201 on success, a failed review is still 201 with
 service-account tokens with ``aud`` as an array and a Kubernetes-style
 ``kid`` (base64url SHA-256 of the PKIX DER public key), key rotation.
 
-Serve it over real HTTP with :func:`jwtlet.testing.loopback.serve`.
+Serve :meth:`FakeKubernetes.resource` in memory with
+:class:`jwtlet.testing.memory.MemoryNetwork` (unit tests) or over real HTTP
+with :func:`jwtlet.testing.loopback.serve` (end-to-end tests).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
 from klein import Klein
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 
 API_AUDIENCE = "https://kubernetes.default.svc"
 DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -234,6 +237,10 @@ class FakeKubernetes:
         }
 
     # -- HTTP --------------------------------------------------------------------
+
+    def resource(self) -> IResource:
+        """The API server's HTTP face, to serve in memory or on loopback."""
+        return self.app.resource()
 
     def _reply(self, request: IRequest, code: int, body: Any, content_type: str = "application/json",
                cache: bool = False) -> bytes:

@@ -6,7 +6,8 @@ RSA-PSS signs with the *maximum* salt length unless ``salt_length`` says
 otherwise, ECDSA signatures are ASN.1 unless ``marshaling_algorithm=jws``,
 ``vault:vN:`` prefixes, reading a missing key is 404 with an empty
 ``errors`` list while signing with one is 400 ``signing key not found``,
-booleans and integers may arrive as strings.
+booleans and integers may arrive as strings, a ``batch_input`` sign is 200
+however many of its items failed (each failure an ``error`` in its result).
 
     python -m jwtlet.testing.vault --port 8200 --token root
 """
@@ -49,6 +50,17 @@ class VaultError(Exception):
         self.messages = list(messages)
 
 
+class VersionRefused(VaultError):
+    """
+    The key version cannot sign: an item's ``error`` in a batch, but for a
+    single sign a plain Go error, which Vault answers with 500.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(500, _go_error(message))
+        self.message = message
+
+
 def _lenient_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "t", "true", "yes", "on")
@@ -64,6 +76,59 @@ def _lenient_int(value: Any, field: str) -> int:
 
 def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _decode_input(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as error:
+        raise VaultError(400, f"unable to decode input as base64: {error}") from None
+
+
+def _go_type(value: Any) -> str:
+    """How Go's decoder names a JSON value's type in its complaints."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, dict):
+        return "map[string]interface {}"
+    if isinstance(value, list):
+        return "[]interface {}"
+    return "string" if isinstance(value, str) else "json.Number"
+
+
+def _go_error(message: str) -> str:
+    """How Vault words an error that is not a request error (status 500): wrapped as a Go multierror."""
+    return f"1 error occurred:\n\t* {message}\n\n"
+
+
+def _unparsable_batch(detail: str) -> VaultError:
+    return VaultError(500, _go_error(f"failed to parse batch input: {detail}"))
+
+
+def batch_items(raw: Any) -> list[dict[str, str]]:
+    """
+    ``batch_input`` decoded as Vault does (into ``map[string]string``):
+    numbers become their text and null the empty string, while a non-list,
+    a non-object item or a boolean, object or list value fails the whole
+    request with 500; an empty list is 400.
+    """
+    if not isinstance(raw, list):
+        raise _unparsable_batch(f"'' source data must be an array or slice, got {_go_type(raw)}")
+    if not raw:
+        raise VaultError(400, "missing batch input to process")
+    items = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise _unparsable_batch(f"'[{index}]' expected type 'transit.batchRequestSignItem', "
+                                    f"got unconvertible type '{_go_type(item)}'")
+        decoded = {}
+        for field, value in item.items():
+            if isinstance(value, (bool, dict, list)):
+                raise _unparsable_batch(f"'[{index}][{field}]' expected type 'string', "
+                                        f"got unconvertible type '{_go_type(value)}'")
+            decoded[field] = "" if value is None else value if isinstance(value, str) else json.dumps(value)
+        items.append(decoded)
+    return items
 
 
 def rfc3339_nano(seconds: float) -> str:
@@ -154,6 +219,12 @@ class FakeVault:
     login_ttl: int = 3600
     requests: Counter[str] = attrs.field(factory=Counter)
     last_sign_request: dict[str, Any] = attrs.field(factory=dict)
+    #: the number of items of each ``batch_input`` sign request, in arrival order
+    sign_batches: list[int] = attrs.field(factory=list)
+    #: fault injection: the error Vault reports for a batch item with this (decoded) input, or None
+    refuse_item: Optional[Callable[[bytes], Optional[str]]] = None
+    #: fault injection: ``batch_results`` in reverse order (a proxy or server bug)
+    reverse_batch_results: bool = False
 
     def now(self) -> float:
         return float(self.clock.seconds()) if self.clock is not None else time.time()
@@ -286,27 +357,33 @@ class FakeVault:
 
     # -- sign and verify ------------------------------------------------------------------
 
-    def _operation(self, request: IRequest, name: str, hash_in_url: Optional[str]) -> tuple[Any, ...]:
+    def _parameters(self, request: IRequest, name: str, hash_in_url: Optional[str],
+                    missing_key: str) -> tuple[dict[str, Any], TransitKey, str, str]:
+        """What a sign or verify request says for all its items, checked in Vault's order."""
         body = self._body(request)
-        key = self.keys.get(name)
-        if key is None:
-            raise VaultError(400, "signing key not found")
         hash_name = hash_in_url or str(body.get("hash_algorithm", body.get("algorithm", "sha2-256")))
         if hash_name != "none" and hash_name not in HASHES:
             raise VaultError(400, f'invalid hash algorithm "{hash_name}"')
         marshaling = str(body.get("marshaling_algorithm", "asn1"))
         if marshaling not in ("asn1", "jws"):
             raise VaultError(400, f'invalid marshaling type "{marshaling}"')
-        try:
-            data = base64.b64decode(str(body.get("input", "")), validate=True)
-        except ValueError as error:
-            raise VaultError(400, f"unable to decode input as base64: {error}") from None
+        key = self.keys.get(name)
+        if key is None:
+            raise VaultError(400, missing_key)
+        if hash_name == "none" and not (_lenient_bool(body.get("prehashed", False))
+                                        and body.get("signature_algorithm") == "pkcs1v15"):
+            raise VaultError(400, "hash_algorithm=none requires both prehashed=true and signature_algorithm=pkcs1v15")
+        return body, key, hash_name, marshaling
+
+    def _signing_version(self, key: TransitKey, body: dict[str, Any]) -> int:
         version = _lenient_int(body.get("key_version", 0), "key_version") or key.latest
+        if version < 0:
+            raise VersionRefused("requested version for signing is negative")
         if version > key.latest:
-            raise VaultError(400, "requested version for signing is higher than the latest key version")
+            raise VersionRefused("requested version for signing is higher than the latest key version")
         if version < max(1, key.min_encryption_version):
-            raise VaultError(400, "requested version for signing is less than the minimum encryption key version")
-        return body, key, version, hash_name, marshaling, data
+            raise VersionRefused("requested version for signing is less than the minimum encryption key version")
+        return version
 
     def _padding(self, body: dict[str, Any], algorithm: Any) -> Any:
         scheme = str(body.get("signature_algorithm", "pss"))
@@ -329,9 +406,6 @@ class FakeVault:
             return bytes(private.sign(data))
         prehashed = _lenient_bool(body.get("prehashed", False))
         if hash_name == "none":
-            if not (prehashed and body.get("signature_algorithm") == "pkcs1v15"):
-                raise VaultError(400, "hash_algorithm=none requires both prehashed=true and "
-                                      "signature_algorithm=pkcs1v15")
             raise VaultError(400, "unsupported in this fake: hash_algorithm=none")
         algorithm = HASHES[hash_name]()
         chosen: Any = utils.Prehashed(algorithm) if prehashed else algorithm
@@ -339,19 +413,62 @@ class FakeVault:
             return bytes(private.sign(data, ec.ECDSA(chosen)))
         return bytes(private.sign(data, self._padding(body, algorithm), chosen))
 
+    def _sign_item(self, key: TransitKey, body: dict[str, Any], hash_name: str, marshaling: str,
+                   item: dict[str, str]) -> dict[str, Any]:
+        """One input signed (Vault's per-item steps, in its order) or the :class:`VaultError` it fails with."""
+        if "input" not in item:
+            raise VaultError(400, "missing input")
+        data = _decode_input(item["input"])
+        if item.get("context"):
+            try:
+                base64.b64decode(item["context"], validate=True)
+            except ValueError:
+                raise VaultError(400, "failed to base64-decode context") from None
+        refusal = self.refuse_item(data) if self.refuse_item is not None else None
+        if refusal is not None:
+            raise VaultError(400, refusal)
+        version = self._signing_version(key, body)
+        signature = self._sign_bytes(key, version, body, hash_name, data)
+        if key.type in _CURVES and marshaling == "jws":
+            r, s = utils.decode_dss_signature(signature)
+            width = _CURVES[key.type][2]
+            signature = r.to_bytes(width, "big") + s.to_bytes(width, "big")
+        encoded = _b64url(signature) if marshaling == "jws" else base64.b64encode(signature).decode()
+        return {"signature": f"vault:v{version}:{encoded}", "key_version": version}
+
+    def _batch_results(self, key: TransitKey, body: dict[str, Any], hash_name: str, marshaling: str,
+                       items: list[dict[str, str]]) -> list[dict[str, Any]]:
+        """
+        Vault's ``batch_results``: in request order, each with ``reference``
+        (empty when none was sent) and ``key_version`` (0 when it failed), an
+        item that fails carrying ``error`` instead of ``signature``.
+        """
+        results = []
+        for item in items:
+            try:
+                result = self._sign_item(key, body, hash_name, marshaling, item)
+            except VersionRefused as refused:
+                result = {"key_version": 0, "error": refused.message}
+            except VaultError as error:
+                result = {"key_version": 0, "error": "; ".join(error.messages)}
+            results.append(dict(result, reference=item.get("reference", "")))
+        return results[::-1] if self.reverse_batch_results else results
+
     @app.route("/v1/transit/sign/<name>", methods=["POST", "PUT"], defaults={"hash_name": None})
     @app.route("/v1/transit/sign/<name>/<hash_name>", methods=["POST", "PUT"])
     async def sign(self, request: IRequest, name: str, hash_name: Optional[str]) -> bytes:
         def work(_: Optional[str]) -> tuple[int, Any]:
-            body, key, version, chosen_hash, marshaling, data = self._operation(request, name, hash_name)
+            body, key, chosen_hash, marshaling = self._parameters(request, name, hash_name, "signing key not found")
             self.last_sign_request = body
-            signature = self._sign_bytes(key, version, body, chosen_hash, data)
-            if key.type in _CURVES and marshaling == "jws":
-                r, s = utils.decode_dss_signature(signature)
-                width = _CURVES[key.type][2]
-                signature = r.to_bytes(width, "big") + s.to_bytes(width, "big")
-            encoded = _b64url(signature) if marshaling == "jws" else base64.b64encode(signature).decode()
-            return 200, self._envelope({"signature": f"vault:v{version}:{encoded}", "key_version": version})
+            if body.get("batch_input") is None:
+                # Without batch_input a missing input signs the empty string, and any failure is the request's.
+                item = {"input": str(body.get("input", "")), "context": str(body.get("context", ""))}
+                return 200, self._envelope(self._sign_item(key, body, chosen_hash, marshaling, item))
+            items = batch_items(body["batch_input"])
+            self.sign_batches.append(len(items))
+            # 200 even when some or all items failed: the errors are in the results.
+            results = self._batch_results(key, body, chosen_hash, marshaling, items)
+            return 200, self._envelope({"batch_results": results})
 
         return await self._handle(request, "sign", work)
 
@@ -359,7 +476,9 @@ class FakeVault:
     @app.route("/v1/transit/verify/<name>/<hash_name>", methods=["POST", "PUT"])
     async def verify(self, request: IRequest, name: str, hash_name: Optional[str]) -> bytes:
         def work(_: Optional[str]) -> tuple[int, Any]:
-            body, key, _version, chosen_hash, marshaling, data = self._operation(request, name, hash_name)
+            body, key, chosen_hash, marshaling = self._parameters(request, name, hash_name,
+                                                                  "signature verification key not found")
+            data = _decode_input(str(body.get("input", "")))
             prefix, _, encoded = str(body.get("signature", "")).rpartition(":")
             if not prefix.startswith("vault:v"):
                 raise VaultError(400, "invalid signature: missing vault version prefix")

@@ -7,27 +7,27 @@ objects and rendering model objects, with the identifier rules of
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Callable, Mapping
 
-from jwtlet.model import ApiKeyRecord, Integration, ResourceMapping, ScopeMapping
+from jwtlet.model import ApiKeyRecord, Integration, JSONObject, JSONValue, ResourceMapping, ScopeMapping
 
 MAX_IDENTIFIER = 1024
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes) -> JSONValue:
     try:
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise ValueError("malformed JSON") from None
 
 
-def _object(value: Any) -> Mapping[str, Any]:
+def _object(value: JSONValue) -> Mapping[str, JSONValue]:
     if not isinstance(value, dict):
         raise ValueError("the body must be a JSON object")
     return value
 
 
-def check_identifier(value: Any, field: str) -> str:
+def check_identifier(value: JSONValue, field: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{field} must be a string")
     if not value:
@@ -39,14 +39,16 @@ def check_identifier(value: Any, field: str) -> str:
     return value
 
 
-def check_scope_name(value: Any, field: str = "scope") -> str:
+def check_scope_name(value: JSONValue, field: str = "scope") -> str:
     name = check_identifier(value, field)
     if any(ch.isspace() for ch in name):
         raise ValueError(f"{field} must not contain whitespace")
     return name
 
 
-def _list(body: Mapping[str, Any], field: str, check: Any, required: bool) -> list[str]:
+def _list(
+    body: Mapping[str, JSONValue], field: str, check: Callable[[JSONValue, str], str], required: bool
+) -> list[str]:
     value = body.get(field)
     if value is None:
         if required:
@@ -57,7 +59,7 @@ def _list(body: Mapping[str, Any], field: str, check: Any, required: bool) -> li
     return [check(item, f"{field} entries") for item in value]
 
 
-def mapping_from_json(value: Any) -> ResourceMapping:
+def mapping_from_json(value: JSONValue) -> ResourceMapping:
     body = _object(value)
     return ResourceMapping(
         client_identifier=check_identifier(body.get("clientIdentifier"), "clientIdentifier"),
@@ -67,7 +69,7 @@ def mapping_from_json(value: Any) -> ResourceMapping:
     )
 
 
-def mapping_to_json(mapping: ResourceMapping) -> dict[str, Any]:
+def mapping_to_json(mapping: ResourceMapping) -> JSONObject:
     return {
         "clientIdentifier": mapping.client_identifier,
         "participantContext": mapping.participant_context,
@@ -76,7 +78,7 @@ def mapping_to_json(mapping: ResourceMapping) -> dict[str, Any]:
     }
 
 
-def scope_from_json(value: Any, reserved: frozenset[str]) -> ScopeMapping:
+def scope_from_json(value: JSONValue, reserved: frozenset[str]) -> ScopeMapping:
     body = _object(value)
     scope = check_scope_name(body.get("scope"))
     claims = body.get("claims", {})
@@ -89,11 +91,11 @@ def scope_from_json(value: Any, reserved: frozenset[str]) -> ScopeMapping:
     return ScopeMapping(scope=scope, claims=claims)
 
 
-def scope_to_json(scope: ScopeMapping) -> dict[str, Any]:
+def scope_to_json(scope: ScopeMapping) -> JSONObject:
     return {"scope": scope.scope, "claims": dict(scope.claims)}
 
 
-def key_to_json(record: ApiKeyRecord) -> dict[str, Any]:
+def key_to_json(record: ApiKeyRecord) -> JSONObject:
     """A key as listed: never its secret or digest."""
     return {
         "keyId": record.key_id,
@@ -103,7 +105,7 @@ def key_to_json(record: ApiKeyRecord) -> dict[str, Any]:
     }
 
 
-def integration_to_json(integration: Integration) -> dict[str, Any]:
+def integration_to_json(integration: Integration) -> JSONObject:
     return {
         "integrationId": integration.integration_id,
         "description": integration.description,

@@ -3,169 +3,60 @@ The management site (default port 8081): ``/api/v1`` for mappings, scopes,
 integrations and API keys, authenticated by the caller's own token (rejected
 tokens remembered for a minute) and authorised by role; audit events for
 every change and every refused authorisation; ``/metrics``.
+
+Slightly over 400 lines because it is the port's whole route table, one
+handler per resource shape; who the caller is lives in :mod:`.callers`, the
+JSON shapes in :mod:`.codecs`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from typing import Any, Awaitable, Callable, ClassVar, Mapping, Optional, cast
+from typing import Awaitable, Callable, ClassVar, Mapping, Optional, ParamSpec, TypeVar, cast
 from urllib.parse import quote
 
 import attrs
-from cachetools import TTLCache
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
-from jwtlet._async import as_deferred
 from jwtlet.apikeys import keys as apikeys
 from jwtlet.interfaces import Conflict, DependencyUnavailable, NotFound, TokenRejected
 from jwtlet.logs import emit
 from jwtlet.metrics import CONTENT_TYPE, Metrics
-from jwtlet.model import ApiKeyRecord, Identity, Integration
-from jwtlet.web import codecs as resources
-from jwtlet.web.common import (
-    APIError,
-    Readiness,
-    add_error_handlers,
-    add_health_routes,
-    json_response,
-    media_type,
-    method_not_allowed,
-    path_segments,
-    read_body,
-)
+from jwtlet.model import ApiKeyRecord, Identity, Integration, JSONValue
+from jwtlet.providers import Store, Validator
+from jwtlet.web import codecs
+from jwtlet.web.callers import APIKEYS_WRITE, MAPPINGS_WRITE, READ, SCOPE_WRITE, RejectionCache, may
+from jwtlet.web.errors import APIError, add_error_handlers, plain_error
+from jwtlet.web.health import Readiness, add_health_routes
+from jwtlet.web.requests import ANY_METHOD, bearer_token, media_type, method_of, path_segments, read_body
+from jwtlet.web.responses import json_response
 
 log = Logger(namespace="jwtlet.management")
 
+T = TypeVar("T")
+P = ParamSpec("P")
+
 MAX_BODY = 1024 * 1024
 PREFIX = "/api/v1"
-
-READ = "jwtlet:management:read"
-MAPPINGS_WRITE = "jwtlet:management:mappings:write"
-SCOPE_WRITE = "jwtlet:management:scope:write"
-APIKEYS_WRITE = "jwtlet:management:apikeys:write"
-ALL_WRITE = "management:write"
 
 # Tiers are stored as 32-bit integers (PostgreSQL INTEGER).
 MAX_TIER = 2**31 - 1
 
 
-# A rejected management token is not sent to the validator again for this
-# long, and at most this many rejections are remembered (the oldest go first).
-REJECTED_TTL_SECS = 60.0
-MAX_REJECTED = 10_000
-
-
-# Routes over a path whose shape decides the methods take every method and
-# check it themselves, so that 405 and its Allow header fit the shape.
-ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-
-
-def method_of(request: IRequest, *allowed: str) -> str:
-    """
-    The method a handler branches on: 405 with ``Allow`` unless the request
-    uses one of ``allowed``, and ``HEAD`` answered as ``GET`` (Twisted drops
-    the body).  werkzeug routes ``HEAD`` to every rule that serves ``GET``;
-    a handler that compared the raw method with ``GET`` sent ``HEAD`` down
-    its write branch, so handlers compare only this value.
-    """
-    method = request.method.decode("ascii", "replace")
-    permitted = set(allowed) | ({"HEAD"} if "GET" in allowed else set())
-    if method not in permitted:
-        raise method_not_allowed(*sorted(permitted))
-    return "GET" if method == "HEAD" else method
-
-
 AUDIT_LEVELS = {"success": LogLevel.info, "refused": LogLevel.warn, "error": LogLevel.error}
 
 
-def may(roles: frozenset[str], needed: str) -> bool:
-    """Write roles do not imply read; ``management:write`` implies everything."""
-    return needed in roles or ALL_WRITE in roles
+def unauthorized() -> APIError:
+    return APIError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
 
 
-def bearer_token(header: Optional[bytes]) -> Optional[str]:
-    """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
-    if not header:
-        return None
-    try:
-        scheme, _, token = header.decode("ascii").partition(" ")
-    except UnicodeDecodeError:
-        return None
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or " " in token:
-        return None
-    return token
-
-
-UNAUTHORIZED = APIError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
-FORBIDDEN = APIError(403, {"error": "forbidden"})
-
-
-@attrs.define
-class RejectionCache:
-    """
-    A validator in front of another that asks it about a token it rejected
-    at most once per ``ttl``, so a flood of garbage bearer tokens cannot
-    become a flood of TokenReview calls.  Only rejections are remembered (an
-    outage must not lock a valid caller out), by the SHA-256 of audience and
-    token (never the token itself), in a bounded cache.  Validations of one
-    token already under way are shared, so a burst of one token sent at once
-    is one call too; that table holds only requests in flight.
-    """
-
-    validator: Any
-    clock: IReactorTime
-    ttl: float = REJECTED_TTL_SECS
-    max_entries: int = MAX_REJECTED
-    _rejected: TTLCache[bytes, bool] = attrs.field(init=False)
-    _in_flight: dict[bytes, list[Deferred[Identity]]] = attrs.field(init=False, factory=dict)
-
-    @_rejected.default
-    def _new_cache(self) -> TTLCache[bytes, bool]:
-        return TTLCache(maxsize=self.max_entries, ttl=self.ttl, timer=self.clock.seconds)
-
-    def validate(self, token: str, audience: Optional[str]) -> Deferred[Identity]:
-        key = hashlib.sha256(f"{audience}\0{token}".encode()).digest()
-        if key in self._rejected:
-            return fail(TokenRejected("rejected recently"))
-        waiting = self._in_flight.get(key)
-        answer: Deferred[Identity] = Deferred()
-        if waiting is not None:
-            waiting.append(answer)
-            return answer
-        self._in_flight[key] = [answer]
-        as_deferred(self.validator.validate(token, audience)).addBoth(self._settled, key)
-        return answer
-
-    def __len__(self) -> int:
-        """How many rejections are remembered."""
-        return len(self._rejected)
-
-    def _settled(self, result: Identity | Failure, key: bytes) -> None:
-        if isinstance(result, Failure) and result.check(TokenRejected):
-            self._rejected[key] = True
-        for answer in self._in_flight.pop(key):
-            # A waiter whose request went away has been cancelled already.
-            if answer.called:
-                continue
-            if isinstance(result, Failure):
-                answer.errback(result)
-            else:
-                answer.callback(result)
-
-
-def _reactor() -> IReactorTime:
-    """The global reactor, for a ManagementAPI built without a clock."""
-    from twisted.internet import reactor
-
-    return cast(IReactorTime, reactor)
+def forbidden() -> APIError:
+    return APIError(403, {"error": "forbidden"})
 
 
 def bad_request(message: str) -> APIError:
@@ -186,8 +77,8 @@ class ManagementAPI:
 
     app: ClassVar[Klein] = Klein()
 
-    store: Any
-    validator: Any
+    store: Store
+    validator: Validator
     audience: str
     roles: Mapping[str, tuple[str, ...]]
     reserved_claims: frozenset[str]
@@ -195,8 +86,8 @@ class ManagementAPI:
     metrics: Metrics
     metrics_enabled: bool
     readiness: Readiness
+    clock: IReactorTime
     random_bytes: Callable[[int], bytes] = os.urandom
-    clock: IReactorTime = attrs.field(factory=_reactor)
     _callers: RejectionCache = attrs.field(init=False)
 
     @_callers.default
@@ -219,25 +110,25 @@ class ManagementAPI:
     async def authorise(self, request: IRequest, route: str, needed: str) -> Identity:
         token = bearer_token(request.getHeader(b"authorization"))
         if token is None:
-            raise UNAUTHORIZED
+            raise unauthorized()
         try:
             identity: Identity = await self._callers.validate(token, self.audience)
         except TokenRejected as error:
             log.info("management caller rejected: {reason}", reason=str(error))
-            raise UNAUTHORIZED from None
+            raise unauthorized() from None
         roles = frozenset(self.roles.get(identity.username, ()))
         if not may(roles, needed):
             emit(log, "authz.denied", LogLevel.warn, actor=identity.username, route=route,
                  method=request.method.decode("ascii", "replace"), role=needed)
-            raise FORBIDDEN
+            raise forbidden()
         return identity
 
-    def json_body(self, request: IRequest) -> Any:
+    def json_body(self, request: IRequest) -> JSONValue:
         body = read_body(request, MAX_BODY)
         if media_type(request) != "application/json":
             raise APIError(415, {"error": "Content-Type must be application/json"})
         try:
-            return resources.parse_json(body)
+            return codecs.parse_json(body)
         except ValueError as error:
             raise bad_request(str(error)) from None
 
@@ -245,9 +136,9 @@ class ManagementAPI:
         self,
         caller: Identity,
         event: str,
-        subject: Mapping[str, Any],
-        action: Callable[[], Awaitable[Any]],
-    ) -> Any:
+        subject: Mapping[str, str],
+        action: Callable[[], Awaitable[T]],
+    ) -> T:
         """
         Run a store change and write its audit event: ``success`` only when
         the store acknowledged it, ``refused`` with the reason when the change
@@ -275,7 +166,7 @@ class ManagementAPI:
         self,
         caller: Identity,
         event: str,
-        subject: Mapping[str, Any],
+        subject: Mapping[str, str],
         outcome: str,
         error: Optional[str] = None,
     ) -> None:
@@ -284,9 +175,9 @@ class ManagementAPI:
             fields["error"] = error
         emit(log, event, AUDIT_LEVELS[outcome], **fields)
 
-    def parse(self, parser: Callable[..., Any], *args: Any) -> Any:
+    def parse(self, parser: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return parser(*args)
+            return parser(*args, **kwargs)
         except ValueError as error:
             raise bad_request(str(error)) from None
 
@@ -298,18 +189,16 @@ class ManagementAPI:
         if self.enter(request, route, "GET", "POST") == "GET":
             await self.authorise(request, route, READ)
             client = request.args.get(b"clientIdentifier", [None])[0]
-            found = await as_deferred(
-                self.store.list_mappings(client.decode("utf-8", "replace") if client else None)
-            )
-            return json_response(request, [resources.mapping_to_json(m) for m in found])
+            found = await self.store.list_mappings(client.decode("utf-8", "replace") if client else None)
+            return json_response(request, [codecs.mapping_to_json(m) for m in found])
         caller = await self.authorise(request, route, MAPPINGS_WRITE)
-        mapping = self.parse(resources.mapping_from_json, self.json_body(request))
+        mapping = self.parse(codecs.mapping_from_json, self.json_body(request))
         subject = {"clientIdentifier": mapping.client_identifier,
                    "participantContext": mapping.participant_context}
 
         async def add() -> None:
             try:
-                await as_deferred(self.store.add_mapping(mapping))
+                await self.store.add_mapping(mapping)
             except Conflict:
                 raise conflict("mapping already exists") from None
 
@@ -318,7 +207,7 @@ class ManagementAPI:
             [f"{PREFIX}/mappings", quote(mapping.client_identifier, safe=""),
              quote(mapping.participant_context, safe="")]
         )
-        return json_response(request, resources.mapping_to_json(mapping), 201, {"Location": location})
+        return json_response(request, codecs.mapping_to_json(mapping), 201, {"Location": location})
 
     @app.route(f"{PREFIX}/mappings/<path:_rest>", methods=ANY_METHOD)
     async def mapping(self, request: IRequest, _rest: str) -> bytes:
@@ -336,24 +225,24 @@ class ManagementAPI:
         if method == "GET":
             await self.authorise(request, route, READ)
             try:
-                found = await as_deferred(self.store.get_mapping(client, context))
+                found = await self.store.get_mapping(client, context)
             except NotFound:
                 raise not_found() from None
-            return json_response(request, resources.mapping_to_json(found))
+            return json_response(request, codecs.mapping_to_json(found))
         caller = await self.authorise(request, route, MAPPINGS_WRITE)
         if method == "DELETE":
             await self.change(caller, "mapping.deleted", subject,
-                              lambda: as_deferred(self.store.delete_mapping(client, context)))
+                              lambda: self.store.delete_mapping(client, context))
             return self.no_content(request)
         body = self.json_body(request)
-        mapping = self.parse(resources.mapping_from_json, body)
+        mapping = self.parse(codecs.mapping_from_json, body)
         if mapping.key != (client, context):
             self.audit(caller, "mapping.updated", subject, "refused", "body names another mapping")
             raise bad_request("the body names another mapping than the path")
 
         async def update() -> None:
             try:
-                await as_deferred(self.store.update_mapping(mapping))
+                await self.store.update_mapping(mapping)
             except NotFound:
                 raise not_found() from None
 
@@ -363,7 +252,7 @@ class ManagementAPI:
     async def delete_client(self, request: IRequest, route: str, client: str) -> bytes:
         caller = await self.authorise(request, route, MAPPINGS_WRITE)
         await self.change(caller, "mapping.deleted_all", {"clientIdentifier": client},
-                          lambda: as_deferred(self.store.delete_client_mappings(client)))
+                          lambda: self.store.delete_client_mappings(client))
         return self.no_content(request)
 
     # -- scopes ---------------------------------------------------------------
@@ -373,20 +262,20 @@ class ManagementAPI:
         route = f"{PREFIX}/scopes"
         if self.enter(request, route, "GET", "POST") == "GET":
             await self.authorise(request, route, READ)
-            found = await as_deferred(self.store.list_scopes())
-            return json_response(request, [resources.scope_to_json(s) for s in found])
+            found = await self.store.list_scopes()
+            return json_response(request, [codecs.scope_to_json(s) for s in found])
         caller = await self.authorise(request, route, SCOPE_WRITE)
-        scope = self.parse(resources.scope_from_json, self.json_body(request), self.reserved_claims)
+        scope = self.parse(codecs.scope_from_json, self.json_body(request), self.reserved_claims)
 
         async def add() -> None:
             try:
-                await as_deferred(self.store.add_scope(scope))
+                await self.store.add_scope(scope)
             except Conflict:
                 raise conflict("scope already exists") from None
 
         await self.change(caller, "scope.created", {"scope": scope.scope}, add)
         location = f"{PREFIX}/scopes/{quote(scope.scope, safe='')}"
-        return json_response(request, resources.scope_to_json(scope), 201, {"Location": location})
+        return json_response(request, codecs.scope_to_json(scope), 201, {"Location": location})
 
     @app.route(f"{PREFIX}/scopes/<path:_rest>", methods=ANY_METHOD)
     async def scope(self, request: IRequest, _rest: str) -> bytes:
@@ -399,23 +288,23 @@ class ManagementAPI:
         if method == "GET":
             await self.authorise(request, route, READ)
             try:
-                found = await as_deferred(self.store.get_scope(name))
+                found = await self.store.get_scope(name)
             except NotFound:
                 raise not_found() from None
-            return json_response(request, resources.scope_to_json(found))
+            return json_response(request, codecs.scope_to_json(found))
         caller = await self.authorise(request, route, SCOPE_WRITE)
         if method == "DELETE":
             await self.change(caller, "scope.deleted", {"scope": name},
-                              lambda: as_deferred(self.store.delete_scope(name)))
+                              lambda: self.store.delete_scope(name))
             return self.no_content(request)
-        scope = self.parse(resources.scope_from_json, self.json_body(request), self.reserved_claims)
+        scope = self.parse(codecs.scope_from_json, self.json_body(request), self.reserved_claims)
         if scope.scope != name:
             self.audit(caller, "scope.updated", {"scope": name}, "refused", "body names another scope")
             raise bad_request("the body names another scope than the path")
 
         async def update() -> None:
             try:
-                await as_deferred(self.store.update_scope(scope))
+                await self.store.update_scope(scope)
             except NotFound:
                 raise not_found() from None
 
@@ -429,8 +318,8 @@ class ManagementAPI:
         route = f"{PREFIX}/integrations"
         if self.enter(request, route, "GET", "POST") == "GET":
             await self.authorise(request, route, READ)
-            found = await as_deferred(self.store.list_integrations())
-            return json_response(request, [resources.integration_to_json(i) for i in found])
+            found = await self.store.list_integrations()
+            return json_response(request, [codecs.integration_to_json(i) for i in found])
         caller = await self.authorise(request, route, APIKEYS_WRITE)
         body = self.json_body(request)
         if not isinstance(body, dict):
@@ -443,12 +332,12 @@ class ManagementAPI:
 
         async def add() -> None:
             try:
-                await as_deferred(self.store.add_integration(integration))
+                await self.store.add_integration(integration)
             except Conflict:
                 raise conflict("integration already exists") from None
 
         await self.change(caller, "integration.created", {"integrationId": integration_id}, add)
-        return json_response(request, resources.integration_to_json(integration), 201)
+        return json_response(request, codecs.integration_to_json(integration), 201)
 
     @app.route(f"{PREFIX}/integrations/<path:_rest>", methods=ANY_METHOD)
     async def integration_keys(self, request: IRequest, _rest: str) -> bytes:
@@ -464,7 +353,7 @@ class ManagementAPI:
             integration_id, key_id = segments[0], segments[2]
             await self.change(
                 caller, "apikey.revoked", {"integrationId": integration_id, "keyId": key_id},
-                lambda: as_deferred(self.store.revoke_api_key(integration_id, key_id)),
+                lambda: self.store.revoke_api_key(integration_id, key_id),
             )
             return self.no_content(request)
         raise not_found()
@@ -492,7 +381,7 @@ class ManagementAPI:
 
         async def add() -> None:
             try:
-                await as_deferred(self.store.add_api_key(record))
+                await self.store.add_api_key(record)
             except NotFound:
                 raise not_found() from None
             except Conflict:
@@ -511,10 +400,10 @@ class ManagementAPI:
         request.setHeader(b"Content-Type", CONTENT_TYPE.encode())
         return self.metrics.exposition()
 
-    def description(self, body: Mapping[str, Any]) -> str:
+    def description(self, body: Mapping[str, JSONValue]) -> str:
         description = body.get("description", "")
-        if not isinstance(description, str) or len(description) > resources.MAX_IDENTIFIER:
-            raise bad_request(f"description must be a string of at most {resources.MAX_IDENTIFIER} characters")
+        if not isinstance(description, str) or len(description) > codecs.MAX_IDENTIFIER:
+            raise bad_request(f"description must be a string of at most {codecs.MAX_IDENTIFIER} characters")
         return description
 
     def segments(self, request: IRequest, collection: str) -> list[str]:
@@ -528,4 +417,4 @@ class ManagementAPI:
         return b""
 
     add_health_routes(app)
-    add_error_handlers(app)
+    add_error_handlers(app, plain_error)

@@ -1,12 +1,13 @@
 """
 The token exchange site (default port 8080): ``POST /token``, the JWKS and the
-metadata documents.  Handlers parse and render; the decision is the issuer's.
+metadata documents.  Handlers parse and render; the decision is the exchange's,
+and :func:`jwtlet.web.errors.token_port_error` says its refusals.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 from urllib.parse import parse_qs
 
 import attrs
@@ -16,23 +17,14 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import NotFound
 
 from jwtlet import policy
-from jwtlet._async import as_deferred
-from jwtlet.exchange.apikeys import ApiKeyExchange, InvalidKey, UnknownProfile
-from jwtlet.exchange.pipeline import TokenIssuer
-from jwtlet.interfaces import DependencyUnavailable
-from jwtlet.policy import ExchangeError
-from jwtlet.web.common import (
-    NO_STORE,
-    APIError,
-    BodyLimits,
-    Readiness,
-    add_error_handlers,
-    add_health_routes,
-    json_response,
-    media_type,
-    read_body,
-    unavailable_headers,
-)
+from jwtlet.exchange.pipeline import Exchange, IssuedToken
+from jwtlet.model import JSONObject
+from jwtlet.providers import Signer
+from jwtlet.web.errors import APIError, add_error_handlers, token_port_error
+from jwtlet.web.health import Readiness, add_health_routes
+from jwtlet.web.requests import media_type, read_body
+from jwtlet.web.responses import NO_STORE, json_response
+from jwtlet.web.server import BodyLimits
 
 MAX_BODY = 64 * 1024
 EXT_AUTHZ_PREFIX = "/ext_authz/"
@@ -55,20 +47,20 @@ def parse_form(body: bytes) -> dict[str, list[str]]:
         raise policy.invalid_request("malformed form body") from None
 
 
-def error_body(error: ExchangeError) -> dict[str, str]:
-    if not error.description:
-        return {"error": error.code}
-    return {"error": error.code, "error_description": error.description}
+def token_response(issued: IssuedToken) -> JSONObject:
+    """The RFC 8693 success body, whatever the credential was."""
+    response: JSONObject = {
+        "access_token": issued.access_token,
+        "issued_token_type": policy.TOKEN_TYPE_JWT,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+    }
+    if issued.scope:
+        response["scope"] = issued.scope
+    return response
 
 
-def error_headers(error: ExchangeError) -> dict[str, str]:
-    headers = dict(NO_STORE)
-    if error.retry_after is not None:
-        headers.update(unavailable_headers(error.retry_after))
-    return headers
-
-
-def metadata(issuer: str, algorithm: str) -> dict[str, Any]:
+def metadata(issuer: str, algorithm: str) -> JSONObject:
     """RFC 8414 authorization server metadata (also served as OIDC discovery)."""
     return {
         "issuer": issuer,
@@ -87,67 +79,26 @@ class TokenExchangeAPI:
 
     app: ClassVar[Klein] = Klein()
 
-    issuer: TokenIssuer
-    signer: Any
+    exchange: Exchange
+    signer: Signer
     issuer_url: str
     require_subject_token_type: bool
     readiness: Readiness
     ext_authz: Optional[IResource] = None
-    api_keys: Optional[ApiKeyExchange] = None
-
-    @app.handle_errors(ExchangeError)
-    def exchange_error(self, request: IRequest, failure: Any) -> bytes:
-        error: ExchangeError = failure.value
-        return json_response(request, error_body(error), error.status, error_headers(error))
 
     @app.route("/token", methods=["POST"])
     async def token(self, request: IRequest) -> bytes:
-        try:
-            body = read_body(request, MAX_BODY)
-        except APIError as error:
-            error.headers = {**error.headers, **NO_STORE}
-            raise
+        body = read_body(request, MAX_BODY)
         if media_type(request) != FORM:
             raise policy.invalid_request(f"the body must be {FORM}")
-        token_request = policy.parse_token_request(parse_form(body), self.require_subject_token_type)
-        if token_request.is_api_key:
-            return await self.api_key_via_token_endpoint(request, token_request)
-        issued = await self.issuer.exchange(token_request)
-        response: dict[str, Any] = {
-            "access_token": issued.access_token,
-            "issued_token_type": policy.TOKEN_TYPE_JWT,
-            "token_type": "Bearer",
-            "expires_in": issued.expires_in,
-        }
-        if issued.scope:
-            response["scope"] = issued.scope
-        return json_response(request, response, 200, NO_STORE)
-
-    async def api_key_via_token_endpoint(self, request: IRequest, token_request: policy.TokenRequest) -> bytes:
-        """The API-key exchange reached through RFC 8693, with RFC 6749 errors."""
-        if self.api_keys is None:
-            raise policy.invalid_request("unsupported subject_token_type")
-        try:
-            token = await self.api_keys.exchange(token_request.resource, token_request.subject_token)
-            profile = self.api_keys.profile(token_request.resource)
-        except UnknownProfile:
-            raise ExchangeError("invalid_target", "unknown API-key profile") from None
-        except InvalidKey:
-            raise policy.invalid_grant("subject token rejected") from None
-        except DependencyUnavailable as error:
-            raise policy.temporarily_unavailable(error.retry_after) from None
-        response = {
-            "access_token": token,
-            "issued_token_type": policy.TOKEN_TYPE_JWT,
-            "token_type": "Bearer",
-            "expires_in": profile.ttl_secs,
-        }
-        return json_response(request, response, 200, NO_STORE)
+        exchange_request = policy.parse_token_request(parse_form(body), self.require_subject_token_type)
+        issued = await self.exchange.exchange(exchange_request)
+        return json_response(request, token_response(issued), 200, NO_STORE)
 
     @app.route("/v0/token/<profile>", methods=["POST"])
     async def api_key_token(self, request: IRequest, profile: str) -> bytes:
         """``{"api_key": ...}`` in, ``{"token": ...}`` out (the M-Lab contract)."""
-        if self.api_keys is None:
+        if self.exchange.api_keys is None:
             raise NotFound()
         body = read_body(request, MAX_BODY)
         try:
@@ -157,21 +108,18 @@ class TokenExchangeAPI:
         # An absent key is a missing key (401); one present but not a string
         # (null included) is a malformed body.
         if not isinstance(document, dict) or not isinstance(document.get("api_key", ""), str):
-            raise APIError(400, {"error": "invalid request body"}, NO_STORE)
-        key = document.get("api_key")
-        try:
-            token = await self.api_keys.exchange(profile, key)
-        except UnknownProfile:
-            raise APIError(404, {"error": "unknown profile"}, NO_STORE) from None
-        except InvalidKey:
-            raise APIError(401, {"error": "invalid API key"}, NO_STORE) from None
-        except ExchangeError as error:
-            raise APIError(error.status, {"error": error.code}, error_headers(error)) from None
-        return json_response(request, {"token": token}, 200, NO_STORE)
+            raise APIError(400, {"error": "invalid request body"})
+        exchange_request = policy.ExchangeRequest(
+            subject_token=document.get("api_key", ""),
+            subject_token_type=policy.TOKEN_TYPE_API_KEY,
+            resource=profile,
+        )
+        issued = await self.exchange.exchange(exchange_request)
+        return json_response(request, {"token": issued.access_token}, 200, NO_STORE)
 
     @app.route("/.well-known/jwks.json", methods=["GET"])
     async def jwks(self, request: IRequest) -> bytes:
-        keys = await as_deferred(self.signer.public_jwks())
+        keys = await self.signer.public_jwks()
         return json_response(request, keys, 200, {"Cache-Control": "public, max-age=300"})
 
     @app.route("/.well-known/oauth-authorization-server", methods=["GET"])
@@ -190,4 +138,4 @@ class TokenExchangeAPI:
         return self.ext_authz
 
     add_health_routes(app)
-    add_error_handlers(app)
+    add_error_handlers(app, token_port_error)

@@ -1,6 +1,7 @@
 """
 The conformance suite every ISigner must pass (plugin authors: run it on
-yours): what it signs verifies with an independent JOSE library (PyJWT) using nothing but the JWKS it publishes.
+yours): what it signs verifies with an independent JOSE library (PyJWT),
+using nothing but the JWKS it publishes.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Any
 import jwt as pyjwt
 from zope.interface.verify import verifyObject
 
-from jwtlet._async import as_deferred
 from jwtlet.interfaces import ISigner
+from jwtlet.providers import as_deferred
 
 _HMAC_OR_NONE = {"none", "HS256", "HS384", "HS512"}
 

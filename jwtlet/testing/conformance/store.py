@@ -13,9 +13,9 @@ import pytest
 import pytest_twisted
 from zope.interface.verify import verifyObject
 
-from jwtlet._async import as_deferred
 from jwtlet.interfaces import Conflict, IMappingStore, IReplayRecord, NotFound
 from jwtlet.model import ApiKeyRecord, Integration, ResourceMapping, ScopeMapping
+from jwtlet.providers import as_deferred
 
 CLIENT = "system:serviceaccount:ns:client"
 DIGEST = bytes(range(32))

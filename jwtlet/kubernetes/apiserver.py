@@ -1,0 +1,76 @@
+"""
+Calling a Kubernetes API server the way both of jwtlet's callers do
+(TokenReview in the ``kubernetes-tokenreview`` validator, TokenRequest in a
+target cluster): a JSON POST carrying jwtlet's own service-account token,
+and one retry with the token read again when the API server answers 401,
+because the kubelet may have rotated the file under us.
+"""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
+
+from jwtlet import strictjson
+from jwtlet.interfaces import DependencyUnavailable
+from jwtlet.model import JSONObject, JSONValue
+from jwtlet.outbound import RequestHeaders, TokenFile, on_clock
+
+
+@attrs.frozen
+class APIServer:
+    """
+    One API server and the credential jwtlet presents to it.
+
+    :ivar credential: what ``own_token`` is, for messages ("own service
+        account token").
+    """
+
+    url: str
+    own_token: TokenFile
+    http_client: HTTPClient
+    clock: IReactorTime
+    timeout: float
+    credential: str = "own service account token"
+
+    def token(self, refresh: bool = False) -> str:
+        """The token to present (read again when ``refresh``); unreadable is :class:`DependencyUnavailable`."""
+        try:
+            return self.own_token.refused() if refresh else self.own_token.read()
+        except (OSError, ValueError) as error:
+            raise DependencyUnavailable(f"{self.credential}: {error}") from None
+
+    async def post(self, path: str, body: JSONObject, peer: str) -> tuple[int, JSONValue]:
+        """
+        POST ``body`` to ``path``; the status and the decoded answer (``None``
+        when it is not JSON).  Connection failures and timeouts are
+        :class:`DependencyUnavailable`, named after ``peer``.
+        """
+        code, answer = await self._post(path, body, peer, self.token())
+        if code == 401:
+            code, answer = await self._post(path, body, peer, self.token(refresh=True))
+        return code, answer
+
+    async def _post(self, path: str, body: JSONObject, peer: str, bearer: str) -> tuple[int, JSONValue]:
+        headers: RequestHeaders = {"Authorization": [f"Bearer {bearer}"], "Content-Type": ["application/json"],
+                   "Accept": ["application/json"]}
+        try:
+            response = await self.http_client.post(
+                self.url + path, data=json.dumps(body).encode(), headers=headers, timeout=self.timeout,
+                reactor=on_clock(self.clock),
+            )
+            content = await response.content()
+        except CancelledError:
+            raise DependencyUnavailable(f"{peer}: timed out") from None
+        except Exception as error:
+            raise DependencyUnavailable(f"{peer}: {type(error).__name__}") from None
+        try:
+            # A hostile or broken peer (deeply nested JSON, huge numbers) must
+            # not raise anything but "not JSON" here.
+            return response.code, strictjson.loads(content)
+        except ValueError:
+            return response.code, None
