@@ -66,7 +66,7 @@ class OIDCValidator:
         self._validated = ExpiringCache(VALIDATED_CACHE_ENTRIES, self.reactor)
 
     def validate(self, token: str, audience: Optional[str]) -> Deferred[Identity]:
-        cache_key = hashlib.sha256(f"{audience}\0{token}".encode()).digest()
+        cache_key = hashlib.sha256(f"{audience}\0{token}".encode("utf-8", "surrogatepass")).digest()
         cached = self._validated.get(cache_key)
         if cached is not None:
             return succeed(cached)

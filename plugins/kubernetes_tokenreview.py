@@ -74,7 +74,7 @@ class TokenReviewValidator:
         return ensureDeferred(self._validate(token, audience))
 
     async def _validate(self, token: str, audience: Optional[str]) -> Identity:
-        key = hashlib.sha256(f"{audience}\0{token}".encode()).hexdigest()
+        key = hashlib.sha256(f"{audience}\0{token}".encode("utf-8", "surrogatepass")).hexdigest()
         cached = self._reviewed.get(key)
         if cached is not None:
             return cached

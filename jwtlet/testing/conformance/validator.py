@@ -96,7 +96,7 @@ def hostile_tokens(good: str) -> list[str]:
     huge_number = _b64(b'{"exp": 1' + b"0" * 5000 + b"}")
     return [
         "", " ", "not-a-token", ".", "..", "a.b.c", "e30.e30.", "e30.e30.e30",
-        "\x00" * 32, "ü" * 64, "\r\nX-Injected: 1",
+        "\x00" * 32, "ü" * 64, "\ud800" * 32, "\r\nX-Injected: 1",
         "x" * OVERSIZED,
         f"eyJ{'A' * OVERSIZED}.{payload}.{signature}",
         # Forgeries: no signature, the algorithm switched to HMAC (keyed, by a
