@@ -30,7 +30,7 @@ def test_the_wheel_holds_the_dropin_and_the_plugins(tmp_path: Path) -> None:
     assert "twisted/plugins/jwtlet_plugin.py" in names
     assert "twisted/__init__.py" not in names, "a twisted/__init__.py would shadow Twisted itself"
     assert "twisted/plugins/__init__.py" not in names
-    assert {"jwtlet/plugins/__init__.py", "jwtlet/plugins/local_key.py", "jwtlet/tap.py"} <= names
+    assert {"jwtlet/plugins/__init__.py", "jwtlet/plugins/local_key.py", "jwtlet/daemon/tap.py"} <= names
     assert not any(name.endswith("dropin.cache") for name in names)
 
 
