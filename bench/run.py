@@ -24,10 +24,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,6 +57,8 @@ class Result:
     p99_ms: float
     errors: int
     rss_mb: Optional[float] = None
+    #: The server's CPU time (its own and its workers') per request answered.
+    cpu_us: Optional[float] = None
 
 
 def ensure_wrk() -> Optional[str]:
@@ -67,12 +71,12 @@ def ensure_wrk() -> Optional[str]:
     return shutil.which("wrk")
 
 
-def form_body(token: str) -> str:
+def form_body(token: str, resource: str = "bench-context") -> str:
     return urllib.parse.urlencode({
         "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
         "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
         "subject_token": token,
-        "resource": "bench-context",
+        "resource": resource,
         "scope": " ".join(SCOPES),
     })
 
@@ -209,16 +213,38 @@ def seed(daemon: DaemonProcess, workdir: Path) -> None:
     assert status in (201, 409), status
 
 
+def cpu_seconds(pid: int) -> Optional[float]:
+    """User and system CPU time of ``pid`` and its children that are still running (Linux ``/proc``)."""
+    total, found = 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The fields after the parenthesised command name: ppid is the 2nd, utime and stime the 12th and 13th.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone, or not a process
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            found = found or stat.parent.name == str(pid)
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK") if found else None
+
+
 def measure(name: str, url: str, bodies: list[str], args: argparse.Namespace, wrk: Optional[str],
             script: Path, pid: Optional[int]) -> Result:
     # A short warm-up fills caches and connection pools before the measured run.
     if wrk:
         run_wrk(wrk, url, script, 2, args.connections)
-        rate, p50, p99, errors = run_wrk(wrk, url, script, args.duration, args.connections)
     else:
         run_python_load(url, bodies, 2, args.connections)
+    cpu_before = cpu_seconds(pid) if pid else None
+    if wrk:
+        rate, p50, p99, errors = run_wrk(wrk, url, script, args.duration, args.connections)
+    else:
         rate, p50, p99, errors = run_python_load(url, bodies, args.duration, args.connections)
-    return Result(name, rate, p50, p99, errors, peak_rss_mb(pid) if pid else None)
+    cpu_after = cpu_seconds(pid) if pid else None
+    cpu_us = None
+    if cpu_before is not None and cpu_after is not None and rate > 0:
+        cpu_us = (cpu_after - cpu_before) / (rate * args.duration) * 1e6
+    return Result(name, rate, p50, p99, errors, peak_rss_mb(pid) if pid else None, cpu_us)
 
 
 def bench_daemon(name: str, workdir: Path, config: Path, bodies: list[str], args: argparse.Namespace,
@@ -252,6 +278,105 @@ def start_openbao(workdir: Path) -> tuple[OpenBao, Path]:
     return server, token_file
 
 
+def bench_workers(workdir: Path, bodies: list[str], args: argparse.Namespace, wrk: Optional[str],
+                  script: Path) -> tuple[Result, Result]:
+    """
+    The local-key exchange with ``workers: 1`` and then ``workers: 2``, back
+    to back, so the speed-up compares like with like (issue 16: >= 1.3x on
+    two cores shared with the load generator).
+    """
+    measured = []
+    for count in (1, 2):
+        (workdir / "jwtlet.sqlite3").unlink(missing_ok=True)
+        config = write_config(workdir, {"type": "local-key", "key_file": str(workdir / "signing.jwk"),
+                                        "generate": True}, {"workers": count})
+        measured.append(bench_daemon(f"exchange, local, workers={count}", workdir, config, bodies, args, wrk,
+                                     script))
+    return measured[0], measured[1]
+
+
+#: Issue 17: the bench mapping again, with a condition and two claim expressions (claims.md).
+CEL_CONTEXT = "bench-cel"
+CEL_RULES = {"condition": "subject.namespace == 'bench' && request.scopes.size() > 0",
+             "claimExpressions": {"k8s_ns": "subject.namespace", "k8s_sa": "subject.serviceAccount"}}
+
+
+def bench_cel(workdir: Path, tokens: list[str], args: argparse.Namespace, wrk: Optional[str]) -> tuple[Result, Result]:
+    """
+    One daemon (local key), the same subject tokens, back to back: the
+    exchange to the plain bench mapping, then to the same mapping with
+    ``CEL_RULES``, so their ratio is the cost of the expressions alone.
+    """
+    (workdir / "jwtlet.sqlite3").unlink(missing_ok=True)
+    config = write_config(workdir, {"type": "local-key", "key_file": str(workdir / "signing.jwk"), "generate": True})
+    daemon = DaemonProcess.start(["--config", str(config)], cwd=workdir)
+    try:
+        daemon.wait_listening(timeout=60)
+        seed(daemon, workdir)
+        namespace, name = ADMIN.split(":")
+        admin = devissuer.mint(workdir, namespace, name, int(time.time()))
+        mapping = {"clientIdentifier": "system:serviceaccount:bench:client", "participantContext": CEL_CONTEXT,
+                   "scopes": list(SCOPES), **CEL_RULES}
+        status = http_json("POST", f"{daemon.management_url}/api/v1/mappings", mapping, admin)
+        assert status == 201, status
+        measured = []
+        for label, resource in (("exchange, no expressions", "bench-context"), ("exchange, CEL", CEL_CONTEXT)):
+            bodies = [form_body(token, resource) for token in tokens]
+            script = workdir / f"{resource}.lua"
+            lua_script(bodies, script)
+            measured.append(measure(label, daemon.token_url, bodies, args, wrk, script, daemon.process.pid))
+        return measured[0], measured[1]
+    finally:
+        daemon.stop(signal.SIGTERM, timeout=15)
+
+
+class _CollectorHandler(BaseHTTPRequestHandler):
+    """A local OTLP/HTTP receiver for the tracing variant: reads each export and acknowledges it."""
+
+    exports = 0
+    received = 0
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        type(self).exports += 1
+        type(self).received += len(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")  # an empty ExportTraceServiceResponse
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def bench_tracing(workdir: Path, bodies: list[str], args: argparse.Namespace, wrk: Optional[str],
+                  script: Path) -> tuple[Result, Result, Result]:
+    """
+    The local-key exchange without a ``tracing`` section, with tracing
+    disabled, and with tracing on (sample ratio 1.0, every span exported to
+    a local receiver), back to back (issue 18: off costs nothing
+    measurable, on at most 15%).
+    """
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), _CollectorHandler)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+    measured = []
+    try:
+        for label, tracing in (("exchange, no tracing section", None),
+                               ("exchange, tracing disabled", {"enabled": False}),
+                               ("exchange, tracing on, ratio 1.0", {"enabled": True, "endpoint": endpoint,
+                                                                    "sample_ratio": 1.0})):
+            (workdir / "jwtlet.sqlite3").unlink(missing_ok=True)
+            config = write_config(workdir, {"type": "local-key", "key_file": str(workdir / "signing.jwk"),
+                                            "generate": True}, {"tracing": tracing} if tracing else None)
+            measured.append(bench_daemon(label, workdir, config, bodies, args, wrk, script))
+    finally:
+        collector.shutdown()
+        collector.server_close()
+    print(f"collector received {_CollectorHandler.exports} exports, {_CollectorHandler.received} bytes", flush=True)
+    return measured[0], measured[1], measured[2]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per target (default 10)")
@@ -269,7 +394,8 @@ def main() -> int:
         devissuer.ensure(workdir)
         now = int(time.time())
         namespace, name = CLIENT.split(":")
-        bodies = [form_body(devissuer.mint(workdir, namespace, name, now, ttl=3600)) for _ in range(args.tokens)]
+        tokens = [devissuer.mint(workdir, namespace, name, now, ttl=3600) for _ in range(args.tokens)]
+        bodies = [form_body(token) for token in tokens]
         script = workdir / "exchange.lua"
         lua_script(bodies, script)
 
@@ -290,6 +416,9 @@ def main() -> int:
         local = write_config(workdir, {"type": "local-key", "key_file": str(workdir / "signing.jwk"),
                                        "generate": True})
         results.append(bench_daemon("exchange, local Ed25519", workdir, local, bodies, args, wrk, script))
+        one_worker, two_workers = bench_workers(workdir, bodies, args, wrk, script)
+        plain, with_cel = bench_cel(workdir, tokens, args, wrk)
+        untraced, tracing_off, tracing_on = bench_tracing(workdir, bodies, args, wrk, script)
 
         if not args.skip_vault:
             vault, token_file = start_openbao(workdir)
@@ -308,14 +437,28 @@ def main() -> int:
 
     base = results[0].requests_per_sec
     print()
-    print(f"{'target':34} {'req/s':>9} {'ratio':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'peak RSS MB':>12}")
-    for result in results:
+    print(f"{'target':34} {'req/s':>9} {'ratio':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'peak RSS MB':>12} "
+          f"{'CPU us/req':>11}")
+    for result in [*results, one_worker, two_workers, plain, with_cel, untraced, tracing_off, tracing_on]:
         rss = f"{result.rss_mb:.1f}" if result.rss_mb is not None else "-"
+        cpu = f"{result.cpu_us:.0f}" if result.cpu_us is not None else "-"
         print(f"{result.name:34} {result.requests_per_sec:9.1f} {result.requests_per_sec / base:7.2f} "
-              f"{result.p50_ms:8.2f} {result.p99_ms:8.2f} {result.errors:7d} {rss:>12}")
+              f"{result.p50_ms:8.2f} {result.p99_ms:8.2f} {result.errors:7d} {rss:>12} {cpu:>11}")
+    if results[0].cpu_us and results[1].cpu_us:
+        # On a machine shared with other work the req/s ratio moves with the
+        # neighbours' load; CPU time per request moves much less.
+        print(f"\nCPU per request: baseline / local exchange = {results[0].cpu_us / results[1].cpu_us:.2f} "
+              "(the req/s ratio both would reach on a core of their own)")
     if len(results) > 2:
         print(f"\nVault-signed exchange costs {results[1].requests_per_sec / results[2].requests_per_sec:.2f}x "
               "the local-key one (throughput ratio)")
+    print(f"\nworkers=2 serves {two_workers.requests_per_sec / one_worker.requests_per_sec:.2f}x workers=1 "
+          f"({os.cpu_count()} cores, shared with the load generator)")
+    print(f"\nan exchange whose mapping has a condition and two claim expressions serves "
+          f"{with_cel.requests_per_sec / plain.requests_per_sec:.2f}x the same exchange without them (same daemon)")
+    print(f"\ntracing disabled serves {tracing_off.requests_per_sec / untraced.requests_per_sec:.2f}x and tracing "
+          f"on (ratio 1.0, exported) {tracing_on.requests_per_sec / untraced.requests_per_sec:.2f}x the exchange "
+          "without a tracing section")
     print(f"\nbench finished in {time.monotonic() - started:.0f}s")
     return 0
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import attrs
 import cel as _cel
+
+from jwtlet.model import JSONObject, JSONValue
 
 #: claims.md: an expression longer than this is refused when it is written.
 MAX_EXPRESSION_LENGTH = 2048
@@ -41,7 +43,7 @@ class Expression:
     """A compiled expression and its source (for logs and round trips)."""
 
     source: str
-    program: Any = attrs.field(eq=False, repr=False)
+    program: _cel.Program = attrs.field(eq=False, repr=False)
 
 
 def compile_expression(source: object, variables: frozenset[str]) -> Expression:
@@ -69,19 +71,27 @@ def compile_expression(source: object, variables: frozenset[str]) -> Expression:
     return Expression(source=source, program=program)
 
 
-def evaluate(expression: Expression, activation: Any) -> Any:
+def evaluate(expression: Expression, activation: object) -> JSONValue:
     """
     The value of ``expression`` for ``activation`` (a mapping of the
     declared variables, or a :func:`prepare` d context), as a JSON value.
+    (``object``: callers keep a prepared context without naming the
+    binding's type; anything else is an evaluation error.)
     """
     try:
-        value = expression.program.execute(activation)
+        # The binding takes a dict or a Context; any other mapping is copied once.
+        if isinstance(activation, (dict, _cel.Context)):
+            value: object = expression.program.execute(activation)
+        elif isinstance(activation, Mapping):
+            value = expression.program.execute(dict(activation))
+        else:
+            raise TypeError(f"cannot evaluate against {type(activation).__name__}")
     except Exception as error:
         raise CelEvaluationError(f"{type(error).__name__}: {_first_line(str(error))}") from None
     return json_value(value)
 
 
-def evaluate_bool(expression: Expression, activation: Any) -> bool:
+def evaluate_bool(expression: Expression, activation: object) -> bool:
     """A condition or validation rule: anything but a bool is an error."""
     value = evaluate(expression, activation)
     if not isinstance(value, bool):
@@ -89,7 +99,7 @@ def evaluate_bool(expression: Expression, activation: Any) -> bool:
     return value
 
 
-def prepare(variables: Mapping[str, Any]) -> Any:
+def prepare(variables: Mapping[str, object]) -> _cel.Context:
     """
     A context built once per evaluation round: several expressions evaluated
     against the same variables (a condition and its claim expressions) share
@@ -98,7 +108,15 @@ def prepare(variables: Mapping[str, Any]) -> Any:
     return _cel.Context(dict(variables))
 
 
-def json_value(value: Any) -> Any:
+def set_variable(prepared: object, name: str, value: object) -> None:
+    """Give one variable of a :func:`prepare` d context a new value, converting only that value."""
+    # ``object``: callers keep prepared contexts without naming the binding's type.
+    if not isinstance(prepared, _cel.Context):
+        raise TypeError(f"not a prepared context: {type(prepared).__name__}")
+    prepared.add_variable(name, value)
+
+
+def json_value(value: object) -> JSONValue:
     """``value`` if it is a JSON value (recursively), else :class:`CelEvaluationError`."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
@@ -109,7 +127,7 @@ def json_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_value(item) for item in value]
     if isinstance(value, Mapping):
-        result: dict[str, Any] = {}
+        result: JSONObject = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise CelEvaluationError("evaluated to a map whose keys are not all strings")

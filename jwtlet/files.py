@@ -14,10 +14,11 @@ from pathlib import Path
 PRIVATE_MODE = 0o600
 
 
-def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+def write_private(path: Path, data: bytes, *, exclusive: bool = False, mode: int = PRIVATE_MODE) -> None:
     """
-    Write ``data`` to ``path`` with mode 0600 (whatever the umask), creating
-    missing parent directories.
+    Write ``data`` to ``path`` with mode 0600 (whatever the umask; ``mode``
+    when a caller such as ``jwtlet mint --mode`` must share the file with its
+    group), creating missing parent directories.
 
     The bytes go to a temporary file in the same directory (so the final step
     never crosses a filesystem), are fsynced, and the file then takes its name
@@ -36,7 +37,7 @@ def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         # mkstemp already creates 0600; fchmod says so explicitly and ignores the umask.
-        os.fchmod(descriptor, PRIVATE_MODE)
+        os.fchmod(descriptor, mode)
         with os.fdopen(descriptor, "wb") as stream:
             stream.write(data)
             stream.flush()

@@ -240,6 +240,48 @@ class IReplayRecord(Interface):
         """Fires with ``True`` when first seen, ``False`` for a replay."""
 
 
+@attrs.frozen
+class TrustedIssuer:
+    """
+    One issuer a validator accepts identities from, as the config rules of
+    security.md see it (distinct username prefixes, ``ext_authz.source_issuers``).
+
+    :ivar issuer: the ``issuer`` its identities carry (``Identity.issuer``):
+        what ``ext_authz.source_issuers`` names.
+    :ivar username_prefix: what its identities' usernames start with;
+        ``None`` when usernames are computed (a CEL expression) and keeping
+        them apart is the operator's responsibility.
+    :ivar key_path: where the operator wrote that prefix, relative to the
+        validator's section (``issuers[0].username_prefix``), for messages.
+    :ivar authority: who vouches for its tokens when that is not the issuer's
+        own signature (``kubernetes-tokenreview``: the API server it asks).
+        Two validators trusting the same issuer through different authorities
+        may be seeing two clusters, so their identities are kept apart too.
+    """
+
+    issuer: str
+    username_prefix: Optional[str]
+    key_path: str
+    authority: Optional[str] = None
+
+
+class ITrustedIssuers(Interface):
+    """
+    Optional, for validators: whom they trust, so that the core can apply
+    security.md's rules across validators (a second validator for ext_authz)
+    without knowing any validator by name.  A validator that does not provide
+    it is trusted as it is: none of those rules can be checked for it.
+    """
+
+    needs_explicit_audience = Attribute(
+        "``True`` when the validator checks ``aud`` only if given an audience (a JWT checked by its keys): "
+        "the ext_authz front must then name one, or any relying party's token would be swapped."
+    )
+
+    def trusted_issuers() -> Sequence[TrustedIssuer]:
+        """Every issuer it accepts identities from, in the order the operator listed them."""
+
+
 # -- factories --------------------------------------------------------------
 
 

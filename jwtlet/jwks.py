@@ -134,6 +134,12 @@ class RemoteKeys:
     fail (retried with backoff 1 s doubling to 30 s).  Without a ``jwks_uri``
     the issuer's discovery document names it.
 
+    ``discovery_url`` (Kubernetes' ``issuer.discoveryURL``) is where the
+    discovery document is read instead of ``{issuer}/.well-known/...``, for
+    issuers whose endpoints are served elsewhere; the document's ``issuer``
+    must then be ``issuer``, as Kubernetes requires, so a document served at
+    that URL cannot vouch for a different issuer's keys.
+
     A discovered ``jwks_uri`` that breaks the outbound rule (plain http to a
     host that is not loopback, outside ``--dev``) makes the issuer unusable:
     it is never fetched (so the bearer token never goes there), cached keys
@@ -152,6 +158,7 @@ class RemoteKeys:
     dev: bool = False
     metrics: Optional[Metrics] = None
     log: Logger = attrs.field(factory=lambda: Logger(namespace="jwtlet.jwks"))
+    discovery_url: Optional[str] = None
     _keys: Optional[KeySet] = None
     _refused_uri: Optional[str] = None
     _fetched_at: float = -1e18
@@ -225,10 +232,13 @@ class RemoteKeys:
             self.metrics.jwks_refresh.labels(outcome).inc()
 
     async def _discover(self) -> str:
-        document = await self._get_json(f"{self.issuer.rstrip('/')}/.well-known/openid-configuration")
+        url = self.discovery_url or f"{self.issuer.rstrip('/')}/.well-known/openid-configuration"
+        document = await self._get_json(url)
         uri = document.get("jwks_uri") if isinstance(document, Mapping) else None
         if not isinstance(uri, str):
             raise ValueError("the discovery document has no jwks_uri")
+        if self.discovery_url is not None and document.get("issuer") != self.issuer:
+            raise ValueError("the discovery document names another issuer")
         problem = https_url(self.dev)(uri)
         if problem is not None:
             self._keys = None

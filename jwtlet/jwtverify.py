@@ -112,13 +112,15 @@ def usable_until(
     return min(limit for limit, _ in checked)
 
 
+def token_audiences(claims: Claims) -> list[JSONValue]:
+    """The ``aud`` claim as a list (RFC 7519 allows one string or an array)."""
+    aud = claims.get("aud")
+    return [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+
+
 def check_audience(claims: Claims, audience: Optional[str]) -> None:
     """``audience`` (when asked for) must be the ``aud`` claim or one of its members."""
-    if audience is None:
-        return
-    aud = claims.get("aud")
-    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-    if audience not in audiences:
+    if audience is not None and audience not in token_audiences(claims):
         raise TokenRejected("audience not accepted")
 
 

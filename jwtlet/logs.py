@@ -13,6 +13,7 @@ process cannot see each other's.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -43,6 +44,60 @@ _LEVELS = {
     "error": LogLevel.error,
     "critical": LogLevel.critical,
 }
+
+
+# -- RUST_LOG (the Rust jwtlet's tracing EnvFilter) ------------------------------
+
+#: EnvFilter's level names and digits as ours; ``trace`` has no Twisted level
+#: of its own and ``off`` none at all: the nearest ones.
+_RUST_LEVELS = {
+    "off": "critical", "0": "critical",
+    "error": "error", "1": "error",
+    "warn": "warn", "2": "warn",
+    "info": "info", "3": "info",
+    "debug": "debug", "4": "debug",
+    "trace": "debug", "5": "debug",
+}
+_VERBOSITY = ("critical", "error", "warn", "info", "debug")
+#: The Rust jwtlet's crates (``jwtlet_server``, ``jwtlet_core``, ...): EnvFilter
+#: matches a directive's target as a prefix of the event's.
+_RUST_TARGET = "jwtlet"
+
+
+def rust_log_level(value: Optional[str]) -> Optional[str]:
+    """
+    The level ``RUST_LOG`` asks of jwtlet, or ``None`` (unset, or not a filter
+    EnvFilter accepts, on which the Rust jwtlet also fell back to ``info``).
+
+    jwtlet has one logger, so of EnvFilter's directives only two kinds
+    matter: a bare level (the default) and ``TARGET=LEVEL`` where TARGET
+    names jwtlet (``jwtlet=debug``, ``jwtlet_server=trace``), which wins over
+    the default, the most verbose of them when there are several.  Directives
+    for other targets (``sqlx=warn``) are about libraries jwtlet does not have.
+    """
+    if not value or not value.strip():
+        return None
+    default: Optional[str] = None
+    ours: list[str] = []
+    for directive in (part.strip() for part in value.split(",")):
+        if not directive:
+            continue
+        target, separator, level_name = directive.rpartition("=")
+        level = _RUST_LEVELS.get(level_name.strip().lower())
+        if not separator:
+            # A directive without '=' is a level, or a target enabled at every level.
+            if level is None:
+                target, level = directive, "debug"
+            else:
+                default = level
+                continue
+        if level is None:
+            return None
+        if target.split("[", 1)[0].split("::", 1)[0].strip().startswith(_RUST_TARGET):
+            ours.append(level)
+    if ours:
+        return max(ours, key=_VERBOSITY.index)
+    return default
 
 
 class ReactorLoop(Protocol):
@@ -80,15 +135,34 @@ def _plain(value: object) -> JSONValue:
     return str(value)
 
 
+#: Keys of an event that are Twisted's bookkeeping, or that a line sets itself.
+_NOT_FIELDS = frozenset({
+    "jwtlet_event", "format", "message", "time", "level", "event", "system", "isError", "why", "failure",
+})
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(second: int) -> str:
+    # Every line of a second shares this text; formatting it per line was a
+    # visible part of each exchange's audit line.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def _timestamp(when: float) -> str:
+    """RFC 3339 UTC with milliseconds."""
+    second, fraction = divmod(when, 1)
+    return f"{_utc_second(int(second))}.{int(fraction * 1000):03d}Z"
+
+
 def _record(event: LogEvent) -> JSONObject:
     """
     The fields of one log line.  Failures are named by type and message
     only: tracebacks can quote locals such as tokens, so they are not written.
     """
     level = event.get("log_level", LogLevel.info)
+    when = event.get("log_time")
     record: JSONObject = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
-        + f".{int((event.get('log_time', 0) % 1) * 1000):03d}Z",
+        "time": _timestamp(time.time() if when is None else when),
         "level": level.name,
         "event": event.get("jwtlet_event") or event.get("log_namespace") or "log",
     }
@@ -100,17 +174,19 @@ def _record(event: LogEvent) -> JSONObject:
         record["error_type"] = getattr(failure.type, "__name__", str(failure.type))
         record["error"] = str(failure.value)[:500]
     for key, value in event.items():
-        if key.startswith("log_") or key in ("jwtlet_event", "format", "message", "time", "level", "event"):
-            continue
-        if key in ("system", "isError", "why", "failure"):
+        if key.startswith("log_") or key in _NOT_FIELDS:
             continue
         record[key] = _plain(value)
     return record
 
 
+# Built once: ``json.dumps`` with options builds an encoder per call.
+_JSON_LINE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def to_json(event: LogEvent) -> str:
     """One log line as a JSON object."""
-    return json.dumps(_record(event), ensure_ascii=False, separators=(",", ":"))
+    return _JSON_LINE.encode(_record(event))
 
 
 def _text_value(value: JSONValue) -> str:

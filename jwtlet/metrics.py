@@ -26,6 +26,7 @@ class Metrics:
     apikey_exchanges: Counter = attrs.field(init=False)
     ext_authz_checks: Counter = attrs.field(init=False)
     ext_authz_cache_hits: Counter = attrs.field(init=False)
+    trace_spans_dropped: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         registry = self.registry
@@ -59,6 +60,10 @@ class Metrics:
         )
         self.ext_authz_cache_hits = Counter(
             "jwtlet_ext_authz_cache_hits", "ext_authz exchanges served from the cache.", registry=registry
+        )
+        self.trace_spans_dropped = Counter(
+            "jwtlet_trace_spans_dropped", "Spans never delivered to the collector (queue full, export failed).",
+            ["reason"], registry=registry,
         )
 
     def exposition(self) -> bytes:

@@ -30,6 +30,15 @@ class Identity:
     ``username`` is the full Kubernetes username
     (``system:serviceaccount:<namespace>:<name>``) or, for API keys,
     ``apikey:<integration>:<key_id>``.
+
+    What a mapping's CEL expressions see of the caller (claims.md) comes from
+    here: ``claims`` are the validated claims of the credential (empty when
+    the validator saw none, as for TokenReview), ``extra`` is
+    map(string, list(string)) in the shape of TokenReview's
+    ``status.user.extra`` (``authentication.kubernetes.io/pod-name`` ...).
+    A plugin author's validator fills the same fields.  (API keys keep their
+    ``int_id``, ``key_id`` and ``tier`` in ``extra``: their exchange runs no
+    expressions.)
     """
 
     username: str
@@ -39,6 +48,7 @@ class Identity:
     name: Optional[str] = None
     groups: tuple[str, ...] = ()
     extra: Mapping[str, JSONValue] = attrs.field(factory=dict)
+    claims: Mapping[str, JSONValue] = attrs.field(factory=dict)
     expires_at: Optional[float] = None
     token_id: Optional[str] = None
     #: The last instant the validator would still accept this credential
@@ -51,13 +61,19 @@ class Identity:
 class ResourceMapping:
     """
     A client identity may ask for tokens naming one participant context,
-    with at most these scopes and audiences.
+    with at most these scopes and audiences, when ``condition`` (a CEL
+    expression, claims.md) holds; ``claim_expressions`` compute claims of the
+    issued token from the caller.  Expressions are kept as their source: they
+    are compiled once per source (:mod:`jwtlet.claims`), so a mapping whose
+    expression no longer compiles can still be listed, read and fixed.
     """
 
     client_identifier: str
     participant_context: str
     scopes: tuple[str, ...] = attrs.field(default=(), converter=_sorted_tuple)
     audiences: tuple[str, ...] = attrs.field(default=(), converter=_sorted_tuple)
+    condition: Optional[str] = None
+    claim_expressions: Mapping[str, str] = attrs.field(factory=dict)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -66,10 +82,14 @@ class ResourceMapping:
 
 @attrs.frozen
 class ScopeMapping:
-    """A scope and the claims it adds to an issued token."""
+    """
+    A scope and the claims it adds to an issued token: the same ``claims``
+    for every caller, and ``claim_expressions`` computed from the caller.
+    """
 
     scope: str
     claims: Mapping[str, JSONValue] = attrs.field(factory=dict)
+    claim_expressions: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -96,6 +116,8 @@ class ApiKeyRecord:
     description: str = ""
     status: str = "active"
     created_at: float = 0.0
+    #: the profiles its integration is bound to (``None``: every profile), as the store read them with the key
+    profiles: Optional[tuple[str, ...]] = None
 
     @property
     def active(self) -> bool:
@@ -104,9 +126,15 @@ class ApiKeyRecord:
 
 @attrs.frozen
 class Integration:
-    """An integration (a customer or service) that owns API keys."""
+    """
+    An integration (a customer or service) that owns API keys, bound to the
+    API-key profiles its keys may get tokens for (migration.md, M-Lab: one
+    credential namespace per profile).  ``None``: every profile, what an
+    integration stored before profiles were bound keeps.
+    """
 
     integration_id: str
     description: str = ""
     created_at: float = 0.0
     keys: tuple[ApiKeyRecord, ...] = ()
+    profiles: Optional[tuple[str, ...]] = None

@@ -11,15 +11,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Union, cast
+from urllib.parse import urlsplit
 
 import attrs
 from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS
+
+from jwtlet import tracing
 
 if TYPE_CHECKING:
     from treq._types import _ITreqReactor
@@ -89,7 +93,58 @@ class OutboundHTTPClient(HTTPClient):
             kwargs["allow_redirects"] = False
         # treq points its warnings at the caller: one frame more, this one.
         kwargs["_stacklevel"] = kwargs.get("_stacklevel", 2) + 1
-        return super().request(method, url, **kwargs)
+        tracer = tracing.current()
+        if not tracer.enabled:
+            return super().request(method, url, **kwargs)
+        # observability.md: every outbound call is a client span and carries its traceparent.
+        span, propagated = tracer.client_span(method.upper(), client_span_attributes(method, url))
+        kwargs["headers"] = with_headers(kwargs.get("headers"), propagated)
+
+        def ended(result: Any) -> Any:
+            if isinstance(result, Failure):
+                span.failed(cast(BaseException, result.value))  # a Failure always holds one
+                span.end()
+            else:
+                span.end(result.code)
+            return result
+
+        try:
+            answer = super().request(method, url, **kwargs)
+        except Exception as error:
+            span.failed(error)
+            span.end()
+            raise
+        return answer.addBoth(ended)
+
+
+def client_span_attributes(method: str, url: object) -> tracing.Attributes:
+    """
+    Who is called, not what is asked: scheme, host and port (a path or a
+    query may name more than an operator's trace should hold).
+    """
+    text = url.decode("ascii", "replace") if isinstance(url, bytes) else str(url)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return {"http.request.method": method.upper()}
+    attributes: dict[str, tracing.AttributeValue] = {
+        "http.request.method": method.upper(), "url.scheme": parts.scheme, "server.address": parts.hostname or ""}
+    if port is not None:
+        attributes["server.port"] = port
+    return attributes
+
+
+def with_headers(headers: object, extra: Mapping[str, str]) -> object:
+    """Request headers as treq takes them (``None``, a mapping or ``Headers``) plus ``extra``, copied."""
+    if isinstance(headers, Headers):
+        merged = headers.copy()
+        for name, value in extra.items():
+            merged.setRawHeaders(name, [value])
+        return merged
+    combined: dict[Any, Any] = dict(headers) if isinstance(headers, Mapping) else {}
+    combined.update({name: [value] for name, value in extra.items()})
+    return combined
 
 
 def build_http_client(

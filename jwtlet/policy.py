@@ -11,6 +11,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import attrs
 
+from jwtlet import claims as caller_claims
 from jwtlet.model import Identity, JSONObject, JSONValue, Resolution, ResourceMapping, ScopeMapping
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -22,6 +23,8 @@ SUBJECT_TOKEN_TYPES = frozenset({TOKEN_TYPE_JWT, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE
 REQUESTED_TOKEN_TYPES = frozenset({TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN})
 
 RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "act"})
+#: What an API-key token says of its key (the M-Lab contract): a profile's static claims never replace them.
+API_KEY_CLAIMS = frozenset({"int_id", "key_id", "tier"})
 
 Audience = Union[str, list[str]]
 
@@ -31,10 +34,14 @@ Audience = Union[str, list[str]]
 
 @attrs.define(auto_exc=True)
 class Refusal(Exception):
-    """The request is refused: ``code`` is the RFC 6749 ``error``."""
+    """
+    The request is refused: ``code`` is the RFC 6749 ``error``; ``log_fields``
+    say more to the log, never to the client.
+    """
 
     code: str
     description: str = ""
+    log_fields: Mapping[str, JSONValue] = attrs.field(factory=dict)
 
 
 @attrs.define(auto_exc=True)
@@ -183,20 +190,26 @@ def expand_scopes(
     claim different values is ``invalid_scope``.  Reserved names are never
     taken from a scope mapping, whatever the store holds.
     """
-    claims: JSONObject = {}
-    origin: dict[str, str] = {}
-    for scope in sorted(set(requested)):
-        mapping = scope_mappings.get(scope)
-        if mapping is None:
-            continue
-        for name, value in mapping.claims.items():
-            if name in reserved:
-                continue
-            if name in claims and claims[name] != value:
-                raise invalid_scope(f"scopes '{origin[name]}' and '{scope}' conflict on claim '{name}'")
-            claims[name] = value
-            origin.setdefault(name, scope)
-    return claims
+    return merge_claims(caller_claims.static_layers(requested, scope_mappings), reserved)
+
+
+def merge_claims(layers: Iterable[caller_claims.Layer], reserved: frozenset[str]) -> JSONObject:
+    try:
+        return caller_claims.merge(layers, reserved)
+    except caller_claims.ClaimConflict as conflict:
+        raise invalid_scope(str(conflict)) from None
+
+
+def rule_refusal(mapping: ResourceMapping, failed: caller_claims.RuleFailed) -> Refusal:
+    """
+    A mapping's condition or claim expression refused the caller: 403, and
+    the log names the mapping, the rule and how it refused (never a value of
+    the caller's token; a compile error quotes only the stored expression).
+    """
+    fields: JSONObject = {"mapping": list(mapping.key), "rule": failed.rule, "rule_outcome": failed.outcome}
+    if failed.reason:
+        fields["rule_error"] = failed.reason
+    return Refusal("unauthorized_client", "the mapping does not apply to this caller", fields)
 
 
 def choose_audience(
@@ -255,6 +268,8 @@ class Terms:
     participant_context: Optional[str] = None
     act: Optional[JSONObject] = None
     scopes: tuple[str, ...] = ()
+    #: the token's ``iss`` when not the daemon's (an API-key profile's own ``issuer``)
+    issuer: Optional[str] = None
 
 
 def mapping_terms(
@@ -264,30 +279,48 @@ def mapping_terms(
     default_audience: str,
     subject: Identity,
     actor: Optional[Identity] = None,
+    now: Optional[float] = None,
 ) -> Terms:
-    """Steps 2 to 4 of an RFC 8693 exchange, over the mapping the store resolved."""
-    check_scopes_allowed(resolution.mapping, request.scopes)
+    """
+    Steps 2 to 4 of an RFC 8693 exchange, over the mapping the store
+    resolved.  The mapping's ``condition`` belongs to step 2; its claims are
+    the scopes' static claims, then the scopes' expressions, then the
+    mapping's (claims.md).  ``now`` is the exchange's clock, for expressions.
+    """
+    mapping = resolution.mapping
+    check_scopes_allowed(mapping, request.scopes)
     reserved = reserved_claims(parameters.participant_context_claim)
+    caller = caller_claims.Caller(subject, request.resource, request.scopes, request.audiences, now)
+    try:
+        caller_claims.require_condition(mapping, caller)
+        audience = choose_audience(request.audiences, mapping.audiences, default_audience)
+        layers = caller_claims.static_layers(request.scopes, resolution.scopes) + caller_claims.expression_layers(
+            request.scopes, resolution.scopes, mapping, caller, reserved)
+    except caller_claims.RuleFailed as failed:
+        raise rule_refusal(mapping, failed) from None
     return Terms(
-        audience=choose_audience(request.audiences, resolution.mapping.audiences, default_audience),
+        audience=audience,
         ttl_secs=parameters.ttl_secs,
-        claims=expand_scopes(request.scopes, resolution.scopes, reserved),
+        claims=merge_claims(layers, reserved),
         participant_context=request.resource,
         act=actor_claim(subject, actor),
         scopes=request.scopes,
     )
 
 
-def api_key_terms(audience: str, ttl_secs: int, key: Identity) -> Terms:
+def api_key_terms(
+    audience: str, ttl_secs: int, key: Identity, issuer: Optional[str] = None,
+    static_claims: Optional[Mapping[str, JSONValue]] = None,
+) -> Terms:
     """
-    An API-key profile's token (the M-Lab contract): the profile's audience
-    and lifetime, and which key of which integration, with its tier.
+    An API-key profile's token (the M-Lab contract): the profile's audience,
+    lifetime, ``iss`` and static claims (``org``), and which key of which
+    integration, with its tier, written over them.
     """
-    return Terms(
-        audience=audience,
-        ttl_secs=ttl_secs,
-        claims={"int_id": key.extra["int_id"], "key_id": key.extra["key_id"], "tier": int(key.extra["tier"])},
-    )
+    claims = {name: value for name, value in (static_claims or {}).items()
+              if name not in RESERVED_CLAIMS | API_KEY_CLAIMS}
+    claims.update({"int_id": key.extra["int_id"], "key_id": key.extra["key_id"], "tier": int(key.extra["tier"])})
+    return Terms(audience=audience, ttl_secs=ttl_secs, claims=claims, issuer=issuer)
 
 
 def token_claims(
@@ -298,7 +331,7 @@ def token_claims(
     that nothing granted can replace them.
     """
     claims = dict(terms.claims)
-    claims["iss"] = issuer
+    claims["iss"] = terms.issuer or issuer
     if terms.participant_context is not None:
         claims["sub"] = terms.participant_context
         claims[participant_context_claim] = terms.participant_context

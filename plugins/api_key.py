@@ -1,7 +1,9 @@
 """
 The ``api-key`` validator: API keys (``<prefix>.<integration>.<key_id>.<secret>``)
 checked against the store, for deployments that validate keys through the
-generic Validator interface.
+generic Validator interface.  The checking is the API-key exchange's own
+(:class:`jwtlet.exchange.apikeys.ApiKeyValidator`), so a key is the same
+identity on either path; this module only reads the plugin's options.
 """
 
 from __future__ import annotations
@@ -9,36 +11,12 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from jwtlet.config.reader import SectionReader, as_nonempty_str
-from jwtlet.exchange.apikeys import ApiKeyVerifier, InvalidKey
-from jwtlet.interfaces import IValidator, IValidatorFactory, PluginConfigError, PluginContext, TokenRejected
-from jwtlet.model import Identity
-
-ISSUER = "jwtlet:api-key"
-
-
-@implementer(IValidator)
-@attrs.define
-class ApiKeyValidator:
-    verifier: ApiKeyVerifier
-
-    def validate(self, token: str, audience: Optional[str]) -> Deferred[Identity]:
-        return ensureDeferred(self._validate(token))
-
-    async def _validate(self, token: str) -> Identity:
-        try:
-            record = await self.verifier.verify(token)
-        except InvalidKey:
-            raise TokenRejected("invalid API key") from None
-        return Identity(
-            username=f"apikey:{record.integration_id}:{record.key_id}",
-            issuer=ISSUER,
-            extra={"tier": record.tier},
-        )
+from jwtlet.exchange.apikeys import ApiKeyValidator, ApiKeyVerifier
+from jwtlet.interfaces import IValidatorFactory, PluginConfigError, PluginContext
 
 
 def _prefix(prefix: str) -> Optional[str]:

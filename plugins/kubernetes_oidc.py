@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
@@ -24,10 +24,12 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from jwtlet import interfaces
 from jwtlet.cache import ExpiringCache
 from jwtlet.config.reader import SectionReader, as_nonempty_str, as_number, as_str, https_url, in_range, positive
 from jwtlet.interfaces import (
     IReadiness,
+    ITrustedIssuers,
     IValidator,
     IValidatorFactory,
     PluginConfigError,
@@ -48,7 +50,7 @@ VALIDATED_CACHE_SECS = 60.0
 VALIDATED_CACHE_ENTRIES = 10_000
 
 
-@implementer(IValidator, IReadiness)
+@implementer(IValidator, IReadiness, ITrustedIssuers)
 @attrs.define
 class OIDCValidator:
     """
@@ -56,10 +58,17 @@ class OIDCValidator:
     ``VALIDATED_CACHE_SECS`` (and never past the instant they stop being
     accepted): a workload that refreshes with the same token is not verified
     again each time.
+
+    Without an audience it accepts a token minted for any relying party
+    (``aud`` is checked only against one given), hence
+    ``needs_explicit_audience``.
     """
+
+    needs_explicit_audience: ClassVar[bool] = True
 
     verifier: Verifier
     reactor: IReactorTime
+    trusted: tuple[interfaces.TrustedIssuer, ...] = ()
     _validated: ExpiringCache[bytes, Identity] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -87,6 +96,8 @@ class OIDCValidator:
             namespace=account.namespace,
             name=account.name,
             groups=account.groups,
+            extra=bound_object_extra(verified.claims),
+            claims=verified.claims,
             expires_at=verified.usable_until,
             token_id=token_id if isinstance(token_id, str) else None,
             accepted_until=accepted_until,
@@ -96,6 +107,41 @@ class OIDCValidator:
 
     def check_ready(self) -> Deferred[None]:
         return ensureDeferred(self.verifier.check_ready(self.reactor.seconds()))
+
+    def trusted_issuers(self) -> Sequence[interfaces.TrustedIssuer]:
+        return self.trusted
+
+
+#: Where TokenReview's ``status.user.extra`` names what a token is bound to,
+#: by the ``kubernetes.io`` member it comes from.
+BOUND_OBJECT_EXTRA = {
+    ("pod", "name"): "authentication.kubernetes.io/pod-name",
+    ("pod", "uid"): "authentication.kubernetes.io/pod-uid",
+    ("node", "name"): "authentication.kubernetes.io/node-name",
+    ("node", "uid"): "authentication.kubernetes.io/node-uid",
+}
+CREDENTIAL_ID = "authentication.kubernetes.io/credential-id"
+
+
+def bound_object_extra(claims: Mapping[str, Any]) -> dict[str, list[str]]:
+    """
+    What the API server would put in a TokenReview's ``extra`` for this
+    token (claims.md): the pod and node it is bound to, from the
+    ``kubernetes.io`` claim, and ``JTI=<jti>`` as its credential id, so that
+    an expression reads the same keys whichever validator is configured.
+    """
+    extra: dict[str, list[str]] = {}
+    nested = claims.get("kubernetes.io")
+    if isinstance(nested, Mapping):
+        for (kind, member), key in BOUND_OBJECT_EXTRA.items():
+            bound = nested.get(kind)
+            value = bound.get(member) if isinstance(bound, Mapping) else None
+            if isinstance(value, str) and value:
+                extra[key] = [value]
+    token_id = claims.get("jti")
+    if isinstance(token_id, str) and token_id:
+        extra[CREDENTIAL_ID] = [f"JTI={token_id}"]
+    return extra
 
 
 # -- options ------------------------------------------------------------------
@@ -139,11 +185,20 @@ def _issuer(entry: SectionReader, prefix: str, ttl: float, context: PluginContex
     return TrustedIssuer(name, keys, prefix)
 
 
-def _issuers(section: SectionReader, ttl: float, context: PluginContext) -> dict[str, TrustedIssuer]:
+@attrs.frozen
+class _Issuers:
+    """The issuers a validator verifies tokens of, and the same as the config rules see them."""
+
+    keyed: dict[str, TrustedIssuer]
+    trusted: tuple[interfaces.TrustedIssuer, ...]
+
+
+def _issuers(section: SectionReader, ttl: float, context: PluginContext) -> _Issuers:
     entries = section.get("issuers", _as_list, [])
     if not entries:
         section.problem("issuers", "must list at least one issuer")
     issuers: dict[str, TrustedIssuer] = {}
+    trusted: list[interfaces.TrustedIssuer] = []
     prefixes: list[tuple[str, str]] = []
     for index, raw in enumerate(entries):
         path = f"issuers[{index}]"
@@ -158,8 +213,9 @@ def _issuers(section: SectionReader, ttl: float, context: PluginContext) -> dict
             entry.problem("issuer", "listed twice")
         elif issuer is not None:
             issuers[issuer.issuer] = issuer
+            trusted.append(interfaces.TrustedIssuer(issuer.issuer, prefix, entry.key_path("username_prefix")))
     section.problems.extend(identity.distinct_prefix_problems(prefixes))
-    return issuers
+    return _Issuers(issuers, tuple(trusted))
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -187,9 +243,9 @@ class OIDCValidatorFactory:
         section.finish()
         if problems:
             raise PluginConfigError(*problems)
-        verifier = Verifier(issuers, leeway=leeway, max_age=identity.max_subject_token_age(context.config),
+        verifier = Verifier(issuers.keyed, leeway=leeway, max_age=identity.max_subject_token_age(context.config),
                             lifetime=identity.usable_until)
-        return OIDCValidator(verifier, context.reactor)
+        return OIDCValidator(verifier, context.reactor, issuers.trusted)
 
 
 kubernetes_oidc = OIDCValidatorFactory()

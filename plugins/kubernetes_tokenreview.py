@@ -11,31 +11,33 @@ which the API server does not apply.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Sequence, cast
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from jwtlet.cache import ExpiringCache
 from jwtlet.config.reader import SectionReader, as_nonempty_str, as_number, as_str, https_url
+from jwtlet.config.schema import ClusterAccess
 from jwtlet.interfaces import (
     DependencyUnavailable,
     IReadiness,
+    ITrustedIssuers,
     IValidator,
     IValidatorFactory,
     PluginConfigError,
     PluginContext,
     TokenRejected,
+    TrustedIssuer,
 )
 from jwtlet.jwtverify import unverified_claims
-from jwtlet.kubernetes import identity
+from jwtlet.kubernetes import identity, kubeconfig
 from jwtlet.kubernetes.apiserver import APIServer
 from jwtlet.model import Identity
-from jwtlet.outbound import TokenFile, build_http_client
 
 log = Logger(namespace="jwtlet.validator.tokenreview")
 
@@ -49,13 +51,18 @@ TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 API_SERVER_LEEWAY_SECS = 60.0
 
 
-@implementer(IValidator, IReadiness)
+@implementer(IValidator, IReadiness, ITrustedIssuers)
 @attrs.define
 class TokenReviewValidator:
     """
     Positive reviews are remembered by the token's SHA-256 for ``cache_ttl``
     (at most 10 s) and never past the token's ``exp``.
+
+    Without an audience the API server checks its own, so a token minted for
+    another relying party is refused all the same: no audience is needed.
     """
+
+    needs_explicit_audience: ClassVar[bool] = False
 
     api: APIServer
     reactor: IReactorTime
@@ -131,11 +138,15 @@ class TokenReviewValidator:
         raise DependencyUnavailable(f"TokenReview: HTTP {code}")
 
     def check_ready(self) -> Deferred[None]:
-        try:
-            self.api.token()
-        except DependencyUnavailable as error:
-            return fail(error)
-        return succeed(None)
+        """Ready when jwtlet has a credential to present (its token file readable, its exec plugin working)."""
+        return ensureDeferred(self.api.token()).addCallback(lambda _: None)
+
+    def trusted_issuers(self) -> Sequence[TrustedIssuer]:
+        """
+        The one cluster it asks: its identities carry ``k8s.cluster_issuer``
+        whichever API server vouched, so that server is named as well.
+        """
+        return (TrustedIssuer(self.issuer, self.username_prefix, "username_prefix", authority=self.api.url),)
 
 
 def _timeout(value: float) -> Optional[str]:
@@ -159,25 +170,40 @@ class TokenReviewValidatorFactory:
         # The API server named here gets jwtlet's own token: the outbound
         # rule holds for it.  ``k8s.api_server_url``, the default, is checked
         # where the k8s table is read, so a problem there is reported once.
-        url: Optional[str] = section.get("api_server_url", as_nonempty_str, None, check=https_url(context.config.dev))
-        url = url or k8s.api_server_url
-        if not url:
-            section.problem("api_server_url", "required (an https URL; k8s.api_server_url is the default)")
-        token_file = section.get("token_file", as_nonempty_str, k8s.token_file)
+        # Each key here wins over this section's kubeconfig, which wins over
+        # the k8s table (its keys, then its kubeconfig), then in-cluster.
         ca_file: Optional[str] = section.get("ca_file", as_str, None)
+        kubeconfig_path, kubeconfig_context = kubeconfig.read_keys(section, context.config.dev)
+        own = ClusterAccess(
+            api_server_url=section.get("api_server_url", as_nonempty_str, None, check=https_url(context.config.dev)),
+            token_file=section.get("token_file", as_nonempty_str, None),
+            ca_file=ca_file,
+            kubeconfig=kubeconfig_path,
+            context=kubeconfig_context,
+        )
+        cluster = None
+        if not problems:
+            try:
+                cluster = kubeconfig.resolve((own, k8s.access(), kubeconfig.IN_CLUSTER),
+                                             cast(IReactorProcess, context.reactor), context.clock)
+            except kubeconfig.KubeconfigError as error:
+                section.problem("kubeconfig", str(error))
+        if cluster is not None and not cluster.url:
+            section.problem("api_server_url", "required (an https URL; k8s.api_server_url is the default)")
         timeout = section.get("timeout_secs", as_number, 5.0, check=_timeout)
         ttl = section.get("cache_ttl_secs", as_number, MAX_CACHE_TTL_SECS, check=_cache_ttl)
         prefix = section.get("username_prefix", as_str, "")
         section.finish()
-        if problems or not url:
+        if problems or cluster is None or not cluster.url:
             raise PluginConfigError(*problems)
+        # The daemon's shared client trusts the k8s table's CA; anything else needs its own TLS.
         client = (
-            build_http_client(context.reactor, ca_file=ca_file)
-            if ca_file is not None or context.http_client is None
+            kubeconfig.http_client(context.reactor, cluster.tls)
+            if cluster.from_kubeconfig or ca_file is not None or context.http_client is None
             else context.http_client
         )
         return TokenReviewValidator(
-            api=APIServer(url.rstrip("/"), TokenFile(token_file), client, context.reactor, timeout),
+            api=APIServer(cluster.url.rstrip("/"), cluster.credential, client, context.reactor, timeout),
             reactor=context.reactor,
             issuer=k8s.cluster_issuer,
             max_age=identity.max_subject_token_age(context.config),

@@ -131,7 +131,9 @@ class MemoryStore:
 
     def get_api_key(self, integration_id: str, key_id: str) -> Deferred[ApiKeyRecord]:
         found = self.keys.get((integration_id, key_id))
-        return succeed(found) if found is not None else fail(NotFound(key_id))
+        if found is None:
+            return fail(NotFound(key_id))
+        return succeed(attrs.evolve(found, profiles=self.integrations[integration_id].profiles))
 
     def revoke_api_key(self, integration_id: str, key_id: str) -> Deferred[bool]:
         key = (integration_id, key_id)

@@ -12,11 +12,15 @@ Schema, queries and the resolve cache are shared with ``sqlite``
 (:mod:`jwtlet.plugins.sql_store`); this module is the PostgreSQL side: the
 connection pool, its errors, and hearing about other replicas' changes.
 
+Mappings and scopes live in the Rust jwtlet's own tables (``resource_mappings``,
+``scope_mappings``), so a database it made is used as it is and both may share
+one during a migration.
+
 Several replicas: migrations run under a transaction-scoped advisory lock, so
-replicas starting together apply them once; every write that changes what a
-resolve answers sends ``NOTIFY jwtlet_changes`` in its transaction, and a
-listener connection per replica drops the resolve cache when any replica
-changes something.  While
+replicas starting together apply them once; every write to the mapping tables
+(by any replica, or by a Rust jwtlet beside them) sends ``NOTIFY
+jwtlet_changes`` from a trigger in its transaction, and a listener connection
+per replica drops the resolve cache when anything changed.  While
 the listener is disconnected the cache is bypassed, so a mapping deleted
 elsewhere is never served from it; and a resolve that read before a change
 and finishes after its notification does not fill the cache (a generation
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import re
 import threading
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, TypeVar, cast
 
 import attrs
@@ -63,11 +68,35 @@ T = TypeVar("T")
 CHANNEL = "jwtlet_changes"
 MIGRATION_LOCK = 0x6A77746C  # "jwtl"
 
+#: Every write to the mapping tables, by any client (this daemon, another replica, a Rust
+#: jwtlet sharing the database, psql), announces itself in its own transaction, so no
+#: replica's resolve cache outlives it.
+CHANGE_TRIGGERS = (
+    f"""
+    CREATE FUNCTION jwtlet_announce_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{CHANNEL}', '');
+        RETURN NULL;
+    END
+    $$
+    """,
+    *(
+        f"CREATE TRIGGER {table}_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION jwtlet_announce_change()"
+        for table in ("resource_mappings", "scope_mappings")
+    ),
+)
+
 DIALECT = sql_store.Dialect(
     placeholder="%s", json_type="JSONB", real_type="DOUBLE PRECISION", bytes_type="BYTEA",
+    # the Rust jwtlet's column type: psycopg passes and returns Python lists as arrays
+    list_type="TEXT[]", empty_list="'{}'", list_from_json="ARRAY(SELECT jsonb_array_elements_text({column}))",
     version_table="jwtlet_schema_version", migration_lock=f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})",
     # psycopg hands JSONB columns over already decoded
     decode_json=lambda value: value,
+    encode_list=lambda value: value,
+    decode_list=lambda value: value,
+    own_migrations={sql_store.RUST_LAYOUT: CHANGE_TRIGGERS},
 )
 
 
@@ -77,18 +106,37 @@ def migrate(connection: psycopg.Connection[Any]) -> int:
         return sql_store.migrate(connection, DIALECT)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+#: The units of the Rust jwtlet's durations (humantime), in seconds.
+_UNITS = {
+    **dict.fromkeys(("ms", "msec", "millis"), 0.001),
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1.0),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60.0),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600.0),
+    **dict.fromkeys(("d", "day", "days"), 86400.0),
+}
+_NOT_A_DURATION = 'must be a duration such as "30s"'
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
 
 
 def parse_duration(value: Any) -> float:
-    """``"30s"``, ``"5m"``, ``"250ms"`` or a number of seconds."""
+    """
+    A number of seconds, or a duration as the Rust jwtlet writes them:
+    ``"30s"``, ``"5m"``, ``"250ms"``, ``"1h30m"``, ``"1h 30m"``.
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if not match:
-        raise ValueError("must be a duration such as \"30s\"")
-    number, unit = float(match.group(1)), match.group(2) or "s"
-    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    text = value.strip().lower() if isinstance(value, str) else ""
+    parts = list(_DURATION_PART.finditer(text))
+    # Every character must belong to a part (spaces between parts aside).
+    if not parts or "".join(part.group(0) for part in parts) != text.replace(" ", "").replace("\t", ""):
+        raise ValueError(_NOT_A_DURATION)
+    total = 0.0
+    for part in parts:
+        unit = part.group(2) or ("s" if len(parts) == 1 else "")
+        if unit not in _UNITS:
+            raise ValueError(_NOT_A_DURATION)
+        total += float(part.group(1)) * _UNITS[unit]
+    return total
 
 
 @attrs.frozen
@@ -100,6 +148,16 @@ class PoolOptions:
     max_lifetime: float = 3600.0
     test_before_acquire: bool = False
     application_name: str = "jwtlet"
+    #: prepared statements kept per connection (psycopg's ``prepared_max``);
+    #: 0: none at all, as behind PgBouncer in transaction mode; ``None``: psycopg's default
+    statement_cache_capacity: Optional[int] = None
+
+    def configure(self, connection: psycopg.Connection[Any]) -> None:
+        """Applied to each new connection of the pool."""
+        if self.statement_cache_capacity == 0:
+            connection.prepare_threshold = None
+        elif self.statement_cache_capacity is not None:
+            connection.prepared_max = self.statement_cache_capacity
 
 
 class Listener:
@@ -180,6 +238,7 @@ class PostgresStore(SQLStore):
             max_lifetime=pool.max_lifetime,
             kwargs={"application_name": pool.application_name, "connect_timeout": 5, "row_factory": dict_row},
             check=psycopg_pool.ConnectionPool.check_connection if pool.test_before_acquire else None,
+            configure=pool.configure,
             open=False,
             name="jwtlet",
         )
@@ -203,12 +262,10 @@ class PostgresStore(SQLStore):
             with self._pool.connection() as connection:
                 migrate(connection)
             self._migrated = True
+        # No NOTIFY here: the tables' triggers (CHANGE_TRIGGERS) send it for every writer.
         with self._pool.connection() as connection:
             with connection.transaction():
-                result = work(connection)
-                if access is Access.CHANGE:
-                    connection.execute(f"NOTIFY {CHANNEL}")
-            return result
+                return work(connection)
 
     def _translate(self, error: Exception) -> Optional[Exception]:
         if isinstance(error, pg_errors.UniqueViolation):
@@ -231,8 +288,44 @@ def _at_least(low: int) -> Callable[[int], Optional[str]]:
     return check
 
 
-def _pool_options(section: SectionReader) -> PoolOptions:
-    pool = section.table("pool")
+def _existing_file(path: str) -> Optional[str]:
+    return None if Path(path).is_file() else f"no such file: {path}"
+
+
+@attrs.frozen
+class ConnectionOptions:
+    """
+    The keys the Rust jwtlet reads under ``pool`` and jwtlet also beside
+    ``url``: either place, not both.
+    """
+
+    run_migrations: bool = True
+    sslmode: Optional[str] = None
+    ssl_root_cert: Optional[str] = None
+
+    @classmethod
+    def read(cls, section: SectionReader, pool: SectionReader) -> ConnectionOptions:
+        def either(key: str, kind: Callable[[Any], T], check: Optional[Callable[[T], Optional[str]]] = None) -> Any:
+            beside, under = (reader.get(key, kind, None, check) for reader in (section, pool))
+            if beside is not None and under is not None:
+                section.problem(key, f"given twice (also as pool.{key}): give it in one place")
+            return beside if beside is not None else under
+
+        migrations = either("run_migrations_on_startup", as_bool)
+        return cls(
+            run_migrations=True if migrations is None else migrations,
+            sslmode=either("sslmode", as_str, one_of(*SSLMODES)),
+            ssl_root_cert=either("ssl_root_cert", as_nonempty_str, _existing_file),
+        )
+
+    def conninfo(self, url: str) -> str:
+        """``url`` with these options, which win over the same parameters in it (as in the Rust jwtlet)."""
+        extra = {key: value for key, value in (("sslmode", self.sslmode), ("sslrootcert", self.ssl_root_cert))
+                 if value}
+        return make_conninfo(url, **extra) if extra else url
+
+
+def _pool_options(pool: SectionReader) -> PoolOptions:
     before = len(pool.problems)
     values = {
         "min_connections": pool.get("min_connections", as_int, None, check=_at_least(0)),
@@ -242,10 +335,8 @@ def _pool_options(section: SectionReader) -> PoolOptions:
         "max_lifetime": pool.get("max_lifetime", parse_duration, None),
         "test_before_acquire": pool.get("test_before_acquire", as_bool, None),
         "application_name": pool.get("application_name", as_str, None),
+        "statement_cache_capacity": pool.get("statement_cache_capacity", as_int, None, check=_at_least(0)),
     }
-    if pool.get("statement_cache_capacity", lambda value: value, None) is not None:
-        log.warn("storage_backend.pool.statement_cache_capacity has no meaning for psycopg and is ignored")
-    pool.finish()
     options = PoolOptions(**{key: value for key, value in values.items() if value is not None})
     if len(pool.problems) == before and options.min_connections > options.max_connections:
         pool.problem("min_connections", "must not exceed max_connections")
@@ -264,20 +355,16 @@ class PostgresStoreFactory:
         url: Optional[str] = section.get("url", as_nonempty_str, None)
         if not section.present("url"):
             section.problem("url", "required for the postgres store (a libpq URL)")
-        pool = _pool_options(section)
-        migrations = section.get("run_migrations_on_startup", as_bool, True)
-        sslmode: Optional[str] = section.get("sslmode", as_str, None, check=one_of(*SSLMODES))
-        root_cert: Optional[str] = section.get("ssl_root_cert", as_str, None)
+        pool_section = section.table("pool")
+        pool = _pool_options(pool_section)
+        connection = ConnectionOptions.read(section, pool_section)
+        pool_section.finish()
         section.finish()
         if problems:
             raise PluginConfigError(*problems)
-        conninfo = str(url)
-        extra = {key: value for key, value in (("sslmode", sslmode), ("sslrootcert", root_cert)) if value}
-        if extra:
-            conninfo = make_conninfo(conninfo, **extra)
         # Nothing connects here (the pool opens on first use): ``jwtlet check-config`` builds stores to check them.
-        return PostgresStore(conninfo, pool, cast(SQLReactor, context.reactor), context.clock,
-                             run_migrations=migrations)
+        return PostgresStore(connection.conninfo(str(url)), pool, cast(SQLReactor, context.reactor), context.clock,
+                             run_migrations=connection.run_migrations)
 
 
 postgres = PostgresStoreFactory()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
-from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, TypeVar
 
 import attrs
 from twisted.application.service import Service
@@ -76,11 +76,21 @@ class Dialect:
     json_type: str
     real_type: str
     bytes_type: str
+    #: a column holding a list of strings, and the SQL literal of the empty one
+    list_type: str
+    empty_list: str
+    #: the SQL expression turning the JSON array in ``{column}`` into a ``list_type`` value
+    list_from_json: str
     version_table: str
     #: taken in the migration's transaction so concurrent replicas take turns
     migration_lock: Optional[str] = None
     #: turns what the driver returns for a JSON column into Python values
     decode_json: Callable[[Any], Any] = json.loads
+    #: a list of strings as a parameter for, and as read from, a ``list_type`` column
+    encode_list: Callable[[list[str]], Any] = json.dumps
+    decode_list: Callable[[Any], Any] = json.loads
+    #: statements of this dialect alone, run right after the shared migration of that version
+    own_migrations: Mapping[int, tuple[str, ...]] = attrs.field(factory=dict)
 
     def sql(self, statement: str) -> str:
         return _convert(statement, self.placeholder)
@@ -127,7 +137,57 @@ SCHEMA: tuple[str, ...] = (
     );
     CREATE INDEX token_ids_expiry ON token_ids (expires_at)
     """,
+    # claims.md: a mapping's condition and claim expressions, a scope's claim
+    # expressions.  Nullable or defaulted, so every existing row means what it
+    # meant: no condition, no expressions.
+    """
+    ALTER TABLE mappings ADD COLUMN condition_expression TEXT;
+    ALTER TABLE mappings ADD COLUMN claim_expressions {json} NOT NULL DEFAULT '{{}}';
+    ALTER TABLE scopes ADD COLUMN claim_expressions {json} NOT NULL DEFAULT '{{}}'
+    """,
+    # migration.md (M-Lab): the API-key profiles an integration is bound to.  NULL, what every
+    # integration stored before has, means every profile, so none of them changes meaning.
+    """
+    ALTER TABLE integrations ADD COLUMN profiles {json}
+    """,
+    # migration.md: mappings and scopes move into the Rust jwtlet's tables, created exactly as its
+    # crates/jwtlet-postgres creates them (so a database it made, or shares, is used as it is), with
+    # this version's columns added, nullable or defaulted, so the Rust jwtlet still writes them.
+    # Where both systems already kept the same key, this version's row wins: it is what this
+    # daemon served until now.
+    """
+    CREATE TABLE IF NOT EXISTS resource_mappings (
+        client_identifier TEXT NOT NULL,
+        participant_context TEXT NOT NULL,
+        scopes {list} NOT NULL DEFAULT {empty_list},
+        audiences {list} NOT NULL DEFAULT {empty_list},
+        PRIMARY KEY (client_identifier, participant_context)
+    );
+    CREATE INDEX IF NOT EXISTS idx_resource_mappings_client ON resource_mappings (client_identifier);
+    CREATE TABLE IF NOT EXISTS scope_mappings (
+        scope TEXT PRIMARY KEY,
+        claims {json} NOT NULL DEFAULT '{{}}'
+    );
+    ALTER TABLE resource_mappings ADD COLUMN condition_expression TEXT;
+    ALTER TABLE resource_mappings ADD COLUMN claim_expressions {json} NOT NULL DEFAULT '{{}}';
+    ALTER TABLE scope_mappings ADD COLUMN claim_expressions {json} NOT NULL DEFAULT '{{}}';
+    INSERT INTO resource_mappings
+        (client_identifier, participant_context, scopes, audiences, condition_expression, claim_expressions)
+        SELECT client_identifier, participant_context, {scopes_from_json}, {audiences_from_json},
+               condition_expression, claim_expressions
+        FROM mappings WHERE TRUE
+        ON CONFLICT (client_identifier, participant_context) DO UPDATE SET
+            scopes = excluded.scopes, audiences = excluded.audiences,
+            condition_expression = excluded.condition_expression, claim_expressions = excluded.claim_expressions;
+    INSERT INTO scope_mappings (scope, claims, claim_expressions)
+        SELECT scope, claims, claim_expressions FROM scopes WHERE TRUE
+        ON CONFLICT (scope) DO UPDATE SET claims = excluded.claims, claim_expressions = excluded.claim_expressions;
+    DROP TABLE mappings;
+    DROP TABLE scopes
+    """,
 )
+#: the version of the migration above; a dialect's own statements for those tables run with it
+RUST_LAYOUT = 4
 
 
 def migrate(connection: Connection, dialect: Dialect) -> int:
@@ -141,11 +201,16 @@ def migrate(connection: Connection, dialect: Dialect) -> int:
     connection.execute(f"CREATE TABLE IF NOT EXISTS {table} (version INTEGER NOT NULL)")
     row = connection.execute(f"SELECT MAX(version) AS version FROM {table}").fetchone()  # noqa: S608
     current = (row["version"] if row is not None else None) or 0
-    types = {"json": dialect.json_type, "real": dialect.real_type, "bytes": dialect.bytes_type}
+    names = {
+        "json": dialect.json_type, "real": dialect.real_type, "bytes": dialect.bytes_type,
+        "list": dialect.list_type, "empty_list": dialect.empty_list,
+        "scopes_from_json": dialect.list_from_json.format(column="scopes"),
+        "audiences_from_json": dialect.list_from_json.format(column="audiences"),
+    }
     for version, script in enumerate(SCHEMA[current:], start=current + 1):
-        for statement in script.format(**types).split(";"):
-            if statement.strip():
-                connection.execute(statement)
+        shared = [statement for statement in script.format(**names).split(";") if statement.strip()]
+        for statement in (*shared, *dialect.own_migrations.get(version, ())):
+            connection.execute(statement)
         connection.execute(dialect.sql(f"INSERT INTO {table} (version) VALUES (?)"), (version,))  # noqa: S608
     return len(SCHEMA)
 
@@ -262,12 +327,17 @@ class SQLStore(Service):
     # -- rows -----------------------------------------------------------------------------
 
     def _mapping(self, row: Row) -> ResourceMapping:
-        decode = self.dialect.decode_json
+        as_list = self.dialect.decode_list
         return ResourceMapping(row["client_identifier"], row["participant_context"],
-                               scopes=tuple(decode(row["scopes"])), audiences=tuple(decode(row["audiences"])))
+                               scopes=tuple(as_list(row["scopes"])), audiences=tuple(as_list(row["audiences"])),
+                               condition=row["condition_expression"],
+                               claim_expressions=self.dialect.decode_json(row["claim_expressions"]))
 
-    def _scope(self, row: Row, name: str = "scope", claims: str = "claims") -> ScopeMapping:
-        return ScopeMapping(row[name], self.dialect.decode_json(row[claims]))
+    def _scope(self, row: Row, prefix: str = "") -> ScopeMapping:
+        """A scope row, or the scope columns of a resolve's join (named with ``prefix``)."""
+        decode = self.dialect.decode_json
+        return ScopeMapping(row[prefix + "scope"], decode(row[prefix + "claims"]),
+                            claim_expressions=decode(row[prefix + "claim_expressions"]))
 
     @staticmethod
     def _key(row: Row) -> ApiKeyRecord:
@@ -275,6 +345,15 @@ class SQLStore(Service):
             integration_id=row["integration_id"], key_id=row["key_id"], secret_sha256=bytes(row["secret_sha256"]),
             tier=row["tier"], description=row["description"], status=row["status"], created_at=row["created_at"],
         )
+
+    def _lists(self, mapping: ResourceMapping) -> tuple[Any, Any]:
+        """A mapping's scopes and audiences as parameters for their columns."""
+        encode = self.dialect.encode_list
+        return encode(list(mapping.scopes)), encode(list(mapping.audiences))
+
+    def _profiles(self, value: Any) -> Optional[tuple[str, ...]]:
+        """An integration's ``profiles`` column: ``None`` (every profile) or the list it is bound to."""
+        return None if value is None else tuple(self.dialect.decode_json(value))
 
     def _one(self, connection: Connection, statement: str, params: Sequence[object], missing: str) -> Row:
         row: Optional[Row] = connection.execute(self._sql(statement), params).fetchone()
@@ -299,23 +378,24 @@ class SQLStore(Service):
 
     def add_mapping(self, mapping: ResourceMapping) -> Deferred[None]:
         return self._count(
-            "INSERT INTO mappings VALUES (?, ?, ?, ?)",
-            (mapping.client_identifier, mapping.participant_context,
-             json.dumps(list(mapping.scopes)), json.dumps(list(mapping.audiences))),
+            "INSERT INTO resource_mappings (client_identifier, participant_context, scopes, audiences, "
+            "condition_expression, claim_expressions) VALUES (?, ?, ?, ?, ?, ?)",
+            (mapping.client_identifier, mapping.participant_context, *self._lists(mapping),
+             mapping.condition, json.dumps(dict(mapping.claim_expressions))),
         ).addCallback(lambda _: None)
 
     def get_mapping(self, client_identifier: str, participant_context: str) -> Deferred[ResourceMapping]:
         return self._run(lambda connection: self._mapping(self._one(
-            connection, "SELECT * FROM mappings WHERE client_identifier = ? AND participant_context = ?",
+            connection, "SELECT * FROM resource_mappings WHERE client_identifier = ? AND participant_context = ?",
             (client_identifier, participant_context), client_identifier)))
 
     def list_mappings(self, client_identifier: Optional[str] = None) -> Deferred[list[ResourceMapping]]:
         def list_(connection: Connection) -> list[ResourceMapping]:
             if client_identifier is None:
-                rows = connection.execute(self._sql("SELECT * FROM mappings"), ()).fetchall()
+                rows = connection.execute(self._sql("SELECT * FROM resource_mappings"), ()).fetchall()
             else:
                 rows = connection.execute(
-                    self._sql("SELECT * FROM mappings WHERE client_identifier = ?"), (client_identifier,)
+                    self._sql("SELECT * FROM resource_mappings WHERE client_identifier = ?"), (client_identifier,)
                 ).fetchall()
             return sorted_mappings(self._mapping(row) for row in rows)
 
@@ -323,42 +403,45 @@ class SQLStore(Service):
 
     def update_mapping(self, mapping: ResourceMapping) -> Deferred[None]:
         return self._existed(
-            "UPDATE mappings SET scopes = ?, audiences = ? WHERE client_identifier = ? AND participant_context = ?",
-            (json.dumps(list(mapping.scopes)), json.dumps(list(mapping.audiences)),
+            "UPDATE resource_mappings SET scopes = ?, audiences = ?, condition_expression = ?, "
+            "claim_expressions = ? WHERE client_identifier = ? AND participant_context = ?",
+            (*self._lists(mapping), mapping.condition, json.dumps(dict(mapping.claim_expressions)),
              mapping.client_identifier, mapping.participant_context),
             missing=str(mapping.key),
         )
 
     def delete_mapping(self, client_identifier: str, participant_context: str) -> Deferred[bool]:
         return self._count(
-            "DELETE FROM mappings WHERE client_identifier = ? AND participant_context = ?",
+            "DELETE FROM resource_mappings WHERE client_identifier = ? AND participant_context = ?",
             (client_identifier, participant_context),
         ).addCallback(lambda count: count > 0)
 
     def delete_client_mappings(self, client_identifier: str) -> Deferred[int]:
-        return self._count("DELETE FROM mappings WHERE client_identifier = ?", (client_identifier,))
+        return self._count("DELETE FROM resource_mappings WHERE client_identifier = ?", (client_identifier,))
 
     # -- scopes ---------------------------------------------------------------------------
 
     def add_scope(self, scope: ScopeMapping) -> Deferred[None]:
         return self._count(
-            "INSERT INTO scopes VALUES (?, ?)", (scope.scope, json.dumps(dict(scope.claims)))
+            "INSERT INTO scope_mappings (scope, claims, claim_expressions) VALUES (?, ?, ?)",
+            (scope.scope, json.dumps(dict(scope.claims)), json.dumps(dict(scope.claim_expressions))),
         ).addCallback(lambda _: None)
 
     def get_scope(self, scope: str) -> Deferred[ScopeMapping]:
         return self._run(lambda connection: self._scope(self._one(
-            connection, "SELECT * FROM scopes WHERE scope = ?", (scope,), scope)))
+            connection, "SELECT * FROM scope_mappings WHERE scope = ?", (scope,), scope)))
 
     def list_scopes(self) -> Deferred[list[ScopeMapping]]:
         return self._run(lambda connection: sorted_scopes(
-            self._scope(row) for row in connection.execute(self._sql("SELECT * FROM scopes"), ()).fetchall()))
+            self._scope(row) for row in connection.execute(self._sql("SELECT * FROM scope_mappings"), ()).fetchall()))
 
     def update_scope(self, scope: ScopeMapping) -> Deferred[None]:
-        return self._existed("UPDATE scopes SET claims = ? WHERE scope = ?",
-                             (json.dumps(dict(scope.claims)), scope.scope), missing=scope.scope)
+        return self._existed("UPDATE scope_mappings SET claims = ?, claim_expressions = ? WHERE scope = ?",
+                             (json.dumps(dict(scope.claims)), json.dumps(dict(scope.claim_expressions)),
+                              scope.scope), missing=scope.scope)
 
     def delete_scope(self, scope: str) -> Deferred[bool]:
-        return self._count("DELETE FROM scopes WHERE scope = ?", (scope,)).addCallback(lambda count: count > 0)
+        return self._count("DELETE FROM scope_mappings WHERE scope = ?", (scope,)).addCallback(lambda count: count > 0)
 
     def resolve(
         self, client_identifier: str, participant_context: str, scopes: Iterable[str]
@@ -372,8 +455,9 @@ class SQLStore(Service):
         # One round trip: the mapping row with the wanted scope rows joined in.
         join = f"s.scope IN ({', '.join('?' for _ in wanted)})" if wanted else "1 = 0"
         statement = (
-            "SELECT m.*, s.scope AS scope_name, s.claims AS scope_claims FROM mappings m "  # noqa: S608
-            f"LEFT JOIN scopes s ON {join} WHERE m.client_identifier = ? AND m.participant_context = ?"
+            "SELECT m.*, s.scope AS joined_scope, s.claims AS joined_claims, "  # noqa: S608
+            "s.claim_expressions AS joined_claim_expressions FROM resource_mappings m "
+            f"LEFT JOIN scope_mappings s ON {join} WHERE m.client_identifier = ? AND m.participant_context = ?"
         )
 
         def resolve(connection: Connection) -> Resolution:
@@ -383,8 +467,8 @@ class SQLStore(Service):
                 raise NotFound(client_identifier)
             return Resolution(
                 mapping=self._mapping(found[0]),
-                scopes={row["scope_name"]: self._scope(row, "scope_name", "scope_claims")
-                        for row in found if row["scope_name"] is not None},
+                scopes={row["joined_scope"]: self._scope(row, "joined_")
+                        for row in found if row["joined_scope"] is not None},
             )
 
         def remember(resolution: Resolution) -> Resolution:
@@ -397,16 +481,18 @@ class SQLStore(Service):
     # -- integrations and keys ----------------------------------------------------------
 
     def add_integration(self, integration: Integration) -> Deferred[None]:
+        profiles = None if integration.profiles is None else json.dumps(list(integration.profiles))
         return self._count(
-            "INSERT INTO integrations VALUES (?, ?, ?)",
-            (integration.integration_id, integration.description, self.clock.seconds()), Access.WRITE,
+            "INSERT INTO integrations (integration_id, description, created_at, profiles) VALUES (?, ?, ?, ?)",
+            (integration.integration_id, integration.description, self.clock.seconds(), profiles), Access.WRITE,
         ).addCallback(lambda _: None)
 
     def list_integrations(self) -> Deferred[list[Integration]]:
         def list_(connection: Connection) -> list[Integration]:
             keys = [self._key(row) for row in connection.execute(self._sql("SELECT * FROM api_keys"), ()).fetchall()]
             integrations = (
-                Integration(row["integration_id"], row["description"], row["created_at"])
+                Integration(row["integration_id"], row["description"], row["created_at"],
+                            profiles=self._profiles(row["profiles"]))
                 for row in connection.execute(self._sql("SELECT * FROM integrations"), ()).fetchall()
             )
             return with_keys(integrations, keys)
@@ -428,9 +514,15 @@ class SQLStore(Service):
         return self._run(add, Access.WRITE)
 
     def get_api_key(self, integration_id: str, key_id: str) -> Deferred[ApiKeyRecord]:
-        return self._run(lambda connection: self._key(self._one(
-            connection, "SELECT * FROM api_keys WHERE integration_id = ? AND key_id = ?",
-            (integration_id, key_id), key_id)))
+        def get(connection: Connection) -> ApiKeyRecord:
+            # The key with its integration's profiles, in one round trip.
+            row = self._one(
+                connection, "SELECT k.*, i.profiles AS integration_profiles FROM api_keys k "
+                "JOIN integrations i ON i.integration_id = k.integration_id "
+                "WHERE k.integration_id = ? AND k.key_id = ?", (integration_id, key_id), key_id)
+            return attrs.evolve(self._key(row), profiles=self._profiles(row["integration_profiles"]))
+
+        return self._run(get)
 
     def revoke_api_key(self, integration_id: str, key_id: str) -> Deferred[bool]:
         return self._count(

@@ -5,9 +5,11 @@ never waits on the disk.  Schema, queries and the resolve cache are shared
 with ``postgres`` (:mod:`jwtlet.plugins.sql_store`); this module is the
 SQLite side: the file, its connection, its errors.
 
-Resolves are answered from memory once read: this process is the file's only
-writer of mappings and scopes, so every change passes through it and empties
-that cache.
+Resolves are answered from memory once read.  A change made through this
+store empties that cache at once; a change made by another process on the
+same file (another worker, ``workers`` above 1) is noticed by asking SQLite's
+``PRAGMA data_version`` every :data:`CHANGE_CHECK_SECS` on the store's
+thread, so every worker uses it within a second.
 
 Durability: ``synchronous=FULL`` makes each commit reach the disk before it is
 acknowledged, so neither a killed process nor a crashed machine loses a write
@@ -24,7 +26,9 @@ from typing import Any, Callable, Mapping, Optional, TypeVar, cast
 
 import attrs
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.plugin import IPlugin
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -48,9 +52,13 @@ T = TypeVar("T")
 
 DIALECT = sql_store.Dialect(
     placeholder="?", json_type="TEXT", real_type="REAL", bytes_type="BLOB",
+    # no arrays in SQLite: a list of strings is a JSON array, as before
+    list_type="TEXT", empty_list="'[]'", list_from_json="{column}",
     version_table="schema_version",
 )
 SIDECARS = ("-wal", "-shm")
+#: how often the file is asked whether another connection committed to it
+CHANGE_CHECK_SECS = 0.25
 
 
 def migrate(connection: sqlite3.Connection) -> int:
@@ -97,6 +105,37 @@ class SQLiteStore(SQLStore):
         self.path = path
         self.run_migrations = run_migrations
         self._connection: Optional[sqlite3.Connection] = None
+        #: the connection's ``data_version`` when last asked (store thread only); None: not asked yet
+        self._data_version: Optional[int] = None
+        self._change_check = LoopingCall(self._check_changes)
+        self._change_check.clock = clock
+
+    def _opened(self) -> None:
+        self._change_check.start(CHANGE_CHECK_SECS, now=True)
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
+        if self._change_check.running:
+            self._change_check.stop()
+        return super().stopService()
+
+    def _check_changes(self) -> Deferred[None]:
+        # A check that failed proves nothing: forget what was cached (the next tick asks again).
+        return self._run(self._changed_elsewhere).addCallbacks(self._forget_if, lambda _: self._invalidate())
+
+    def _forget_if(self, changed: bool) -> None:
+        if changed:
+            self._invalidate()
+
+    def _changed_elsewhere(self, connection: Connection) -> bool:
+        """
+        Whether another connection committed since the last ask (on the store
+        thread).  ``data_version`` counts other connections' commits, not this
+        one's, and only per connection: a new connection counts as a change.
+        """
+        version = int(connection.execute("PRAGMA data_version", ()).fetchone()["data_version"])
+        changed = version != self._data_version
+        self._data_version = version
+        return changed
 
     def _open(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -110,6 +149,7 @@ class SQLiteStore(SQLStore):
                 migrate(connection)
             make_sidecars_private(self.path)
             self._connection = connection
+            self._data_version = None
         return self._connection
 
     def _close(self) -> None:

@@ -24,6 +24,7 @@ fails only its own exchange, while an outage fails the whole batch.
 from __future__ import annotations
 
 import base64
+import contextvars
 import json
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Optional, Union
@@ -89,10 +90,15 @@ def public_jwk(key_type: str, public_key: str) -> JWK:
     return JWK.from_pem(public_key.encode())
 
 
+def default_key_name(participant_context_claim: str) -> str:
+    """The Rust jwtlet's key: ``signing-`` + ``token.participant_context_claim``, so its kids carry over."""
+    return f"signing-{participant_context_claim}"
+
+
 @attrs.frozen
 class VaultOptions:
     url: str
-    key_name: str = "signing-jwtlet_pc"
+    key_name: str = default_key_name("jwtlet_pc")
     mount: str = "transit"
     token: Optional[str] = None
     token_file: Optional[str] = None
@@ -451,7 +457,11 @@ class VaultTransitSigner(Service):
         if batch is None:
             batch = self._batch = SignBatch(version)
             if self.options.batch_window > 0:
-                batch.timer = self.clock.callLater(self.options.batch_window, self._flush)
+                # The Vault call goes out from a timer: run it in the context of
+                # the sign that opened the batch, so its trace span sits under
+                # that exchange's ``sign`` span instead of starting a trace.
+                batch.timer = self.clock.callLater(self.options.batch_window, contextvars.copy_context().run,
+                                                   self._flush)
         waiter: Deferred[str] = Deferred()
         batch.inputs.append(signing_input)
         batch.waiters.append(waiter)
@@ -556,8 +566,11 @@ def _number(raw: Mapping[str, Any], key: str, default: float, minimum: float, pr
     return float(value)
 
 
-def parse_options(raw: Mapping[str, Any], dev: bool) -> VaultOptions:
-    """The ``vault`` table checked; ``dev``: running with ``--dev``."""
+def parse_options(raw: Mapping[str, Any], dev: bool, participant_context_claim: str = "jwtlet_pc") -> VaultOptions:
+    """
+    The ``vault`` table checked; ``dev``: running with ``--dev``;
+    ``participant_context_claim`` names the default key (:func:`default_key_name`).
+    """
     problems = [f"{key}: unknown key" for key in raw if key not in _OPTIONS]
     url = raw.get("url")
     problem = url_problem(url, dev)
@@ -597,7 +610,8 @@ def parse_options(raw: Mapping[str, Any], dev: bool) -> VaultOptions:
     if problems:
         raise PluginConfigError(*problems)
     return VaultOptions(
-        url=str(url).rstrip("/"), key_name=raw.get("key_name", "signing-jwtlet_pc"), mount=raw.get("mount", "transit"),
+        url=str(url).rstrip("/"), key_name=raw.get("key_name") or default_key_name(participant_context_claim),
+        mount=raw.get("mount", "transit"),
         token=raw.get("token"), token_file=raw.get("token_file"), kubernetes_role=role, kubernetes_mount=mount,
         kubernetes_jwt_file=jwt_file, create_key=create_key, key_type=key_type, rsa_algorithm=rsa_algorithm,
         ca_file=raw.get("ca_file"), key_refresh_secs=refresh, publish_before_use_secs=publish_before_use,
@@ -610,10 +624,13 @@ def parse_options(raw: Mapping[str, Any], dev: bool) -> VaultOptions:
 class VaultTransitSignerFactory:
     name: str = "vault-transit"
     description: str = "signs with HashiCorp Vault's transit engine (keys never leave Vault)"
+    #: config.md: the top-level ``vault`` table holds this signer's options (and makes it the default signer)
+    table: str = "vault"
 
     def build(self, options: Mapping[str, Any], context: PluginContext) -> VaultTransitSigner:
         config = context.config
-        parsed = parse_options(options, dev=config.dev)
+        parsed = parse_options(options, dev=config.dev,
+                               participant_context_claim=config.token.participant_context_claim)
         return VaultTransitSigner(
             parsed, context.reactor, context.clock, float(config.token.token_ttl_secs), config.k8s.token_file)
 

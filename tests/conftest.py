@@ -8,9 +8,7 @@ from typing import AsyncIterator
 import pytest
 import pytest_twisted
 from k8s_fixtures import Cluster, memory_cluster
-from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.web.client import Agent
 
 
 @pytest.fixture
@@ -25,11 +23,10 @@ def clock() -> Clock:
 def cluster(clock: Clock) -> Cluster:
     """
     The fake Kubernetes API server in memory, with the service account ns/app.
-    Requests to any other origin go over real HTTP: some attack tests serve
-    hostile issuers on loopback themselves.  (Its agent keeps no connections,
-    so there is nothing to close.)
+    Requests to any other origin fail as an unknown host does: nothing here
+    touches a socket.  (Nothing keeps connections, so there is nothing to close.)
     """
-    running = memory_cluster(clock, fallback=Agent(reactor))
+    running = memory_cluster(clock)
     running.fake.add_service_account("ns", "app")
     return running
 

@@ -5,16 +5,16 @@ The fake Kubernetes API server for validator tests: in memory for unit tests
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional, Union
 
 import attrs
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.web.iweb import IAgent
 
 from jwtlet.config.schema import Config, K8sConfig, PluginSection, TokenConfig
+from jwtlet.interfaces import PluginContext
+from jwtlet.metrics import Metrics
 from jwtlet.outbound import build_http_client, close_http_client
 from jwtlet.testing.kubernetes import FakeKubernetes
 from jwtlet.testing.loopback import LoopbackServer, serve
@@ -52,13 +52,10 @@ async def start_cluster(clock: Any = None) -> Cluster:
     return Cluster(fake, server, build_http_client(reactor))
 
 
-def memory_cluster(clock: Any, fallback: Optional[IAgent] = None) -> Cluster:
-    """
-    The fake in memory at :data:`MEMORY_URL`; requests to other origins go to
-    ``fallback`` if given, else fail as an unknown host does.
-    """
+def memory_cluster(clock: Any) -> Cluster:
+    """The fake in memory at :data:`MEMORY_URL`; requests to other origins fail as an unknown host does."""
     fake = FakeKubernetes(clock=clock, issuer=MEMORY_URL, url=MEMORY_URL)
-    network = MemoryNetwork(fallback=fallback)
+    network = MemoryNetwork()
     server = network.serve(MEMORY_URL, fake.resource())
     return Cluster(fake, server, network.client())
 
@@ -92,17 +89,16 @@ def k8s_config(tmp_path: Path, cluster: Cluster, dev: bool = False, max_age: int
     return jwtlet_config("kubernetes-tokenreview", K8sConfig(**settings), dev, max_age)
 
 
-def plugin_context(tmp_path: Path, cluster: Cluster, clock: Any = None, dev: bool = False,
-                   max_age: int = 86400, **k8s: Any) -> types.SimpleNamespace:
+def plugin_context(tmp_path: Path, cluster: Cluster, clock: Any = None, dev: bool = False, max_age: int = 86400,
+                   http_client: Optional[HTTPClient] = None, metrics: Optional[Metrics] = None,
+                   **k8s: Any) -> PluginContext:
     """
-    What a validator factory gets from the daemon; ``k8s`` overrides the
-    ``k8s`` table.  A namespace rather than the frozen ``PluginContext``:
-    some attack tests swap ``http_client`` for a recording one after
-    building it.
+    What a validator factory gets from the daemon: ``cluster``'s client unless
+    ``http_client`` is given; ``k8s`` overrides the ``k8s`` table.
     """
-    return types.SimpleNamespace(reactor=clock or reactor, clock=clock or reactor, http_client=cluster.client,
-                                 config=k8s_config(tmp_path, cluster, dev, max_age, **k8s), data_dir=tmp_path,
-                                 store=None, metrics=None, check_only=False)
+    return PluginContext(reactor=clock or reactor, clock=clock or reactor, http_client=http_client or cluster.client,
+                         config=k8s_config(tmp_path, cluster, dev, max_age, **k8s), data_dir=tmp_path,
+                         metrics=metrics)
 
 
 async def stopping(cluster: Cluster) -> AsyncIterator[Cluster]:

@@ -147,7 +147,9 @@ def test_a_stored_key_is_never_readable_through_management(apps: Apps) -> None:
                    data=json.dumps({"tier": 1}).encode(),
                    headers={"Authorization": "Bearer token-admin", "Content-Type": "application/json"})
     assert created.code == 404, "the integration must exist first"
-    call(apps.management, "POST", f"{URL}/api/v1/integrations", data=json.dumps({"integrationId": "acme"}).encode(),
+    # Two profiles are configured: an integration names the ones its keys may use (migration.md, M-Lab).
+    call(apps.management, "POST", f"{URL}/api/v1/integrations",
+         data=json.dumps({"integrationId": "acme", "profiles": ["integration"]}).encode(),
          headers={"Authorization": "Bearer token-admin", "Content-Type": "application/json"})
     created = call(apps.management, "POST", f"{URL}/api/v1/integrations/acme/keys",
                    data=json.dumps({"tier": 1}).encode(),

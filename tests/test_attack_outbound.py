@@ -140,7 +140,8 @@ async def test_a_vault_redirecting_to_another_origin_never_hands_it_the_vault_to
 
 
 def _context(tmp_path: Path, dev: bool) -> Any:
-    config = types.SimpleNamespace(token=types.SimpleNamespace(token_ttl_secs=600),
+    token = types.SimpleNamespace(token_ttl_secs=600, participant_context_claim="jwtlet_pc")
+    config = types.SimpleNamespace(token=token,
                                    k8s=types.SimpleNamespace(token_file=str(tmp_path / "sa")), dev=dev)
     return types.SimpleNamespace(reactor=reactor, clock=reactor, config=config, http_client=None, data_dir=tmp_path)
 

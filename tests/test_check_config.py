@@ -172,7 +172,7 @@ def test_every_load_time_rule_is_listed_in_one_run(tmp_path: Path, capsys: pytes
         "token.token_ttl_secs: must be between 1 and 86400",
         "ext_authz.target_cluster.expiration_secs: must be at least 600 (Kubernetes refuses less)",
         "validator.type: no validator plugin named 'kubernetes-magic' "
-        "(found: api-key, kubernetes-oidc, kubernetes-tokenreview)",
+        "(found: api-key, jwt-authenticator, kubernetes-oidc, kubernetes-tokenreview)",
     ]
     # The plugins' own requirements, reported by the plugins (their wording), in the same run.
     assert any(line.startswith("storage_backend.url: required") for line in lines), lines
@@ -275,3 +275,119 @@ def test_dev_beyond_loopback_is_said_once(
     monkeypatch.setenv("JWTLET__MANAGEMENT_ENDPOINT", "tcp:8081:interface=0.0.0.0")
     assert check(capsys, "--dev", "--data-dir", str(tmp_path / "dev")) == (
         1, ["management_endpoint: --dev listens on loopback only"])
+
+
+# -- security.md's rules on the ext_authz validator, over what the built validators say they trust --------
+
+
+def _two_fronts(tmp_path: Path, top: tuple[str, str], front: tuple[str, str]) -> Path:
+    """A top-level and an ext_authz kubernetes-oidc validator, each trusting one (issuer, prefix), exchange jwt."""
+    return write(
+        tmp_path,
+        validator={"type": "kubernetes-oidc",
+                   "issuers": [{"issuer": top[0], "jwks_file": "/j", "username_prefix": top[1]}]},
+        ext_authz={"validator": {"type": "kubernetes-oidc",
+                                 "issuers": [{"issuer": front[0], "jwks_file": "/j", "username_prefix": front[1]}]},
+                   "audience": "https://kubernetes.default.svc", "exchange": "jwt"},
+    )
+
+
+def test_an_ext_authz_validator_trusting_another_cluster_needs_its_own_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cluster B behind the ext_authz front must not mint identities that look like cluster A's."""
+    status, lines = check(capsys, "--config", str(_two_fronts(tmp_path, ("https://a.example", ""),
+                                                               ("https://b.example", ""))))
+    assert (status, lines) == (1, [
+        "ext_authz.validator.issuers[0].username_prefix: '' is also the prefix of validator.issuers[0].username_prefix "
+        "for another issuer; each trusted issuer needs its own, or one cluster's service accounts act as another's"
+    ])
+    ok = (0, ["configuration OK"])
+    assert check(capsys, "--config", str(_two_fronts(tmp_path, ("https://a.example", ""),
+                                                      ("https://b.example", "b:")))) == ok
+    # The same cluster trusted by both with the same prefix is one identity space.
+    assert check(capsys, "--config", str(_two_fronts(tmp_path, ("https://a.example", ""),
+                                                      ("https://a.example", "")))) == ok
+
+
+def test_a_tokenreview_front_asking_another_api_server_needs_its_own_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    An operator points the ext_authz TokenReview validator at cluster B's API server beside the top-level one
+    asking cluster A's: both stamp k8s.cluster_issuer, so only a prefix keeps B's apps/web from being A's.
+    """
+    def front(url: str, prefix: str) -> Path:
+        return write(
+            tmp_path,
+            k8s={"api_server_url": "https://a.example:6443", "token_file": "/own"},
+            validator={"type": "kubernetes-tokenreview"},
+            ext_authz={"validator": {"type": "kubernetes-tokenreview", "api_server_url": url,
+                                     "username_prefix": prefix}, "exchange": "jwt"},
+        )
+
+    assert check(capsys, "--config", str(front("https://b.example:6443", ""))) == (1, [
+        "ext_authz.validator.username_prefix: '' is also the prefix of validator.username_prefix for another "
+        "issuer; each trusted issuer needs its own, or one cluster's service accounts act as another's"
+    ])
+    assert check(capsys, "--config", str(front("https://b.example:6443", "b:"))) == (0, ["configuration OK"])
+    assert check(capsys, "--config", str(front("https://a.example:6443", ""))) == (0, ["configuration OK"])
+
+
+THIRD_PARTY_VALIDATOR = textwrap.dedent(
+    '''
+    import attrs
+    from twisted.internet.defer import fail
+    from twisted.plugin import IPlugin
+    from zope.interface import implementer
+
+    from jwtlet.interfaces import ITrustedIssuers, IValidator, IValidatorFactory, TokenRejected, TrustedIssuer
+
+
+    @implementer(IValidator, ITrustedIssuers)
+    class PartnerValidator:
+        needs_explicit_audience = True
+
+        def validate(self, token, audience):
+            return fail(TokenRejected("tests"))
+
+        def trusted_issuers(self):
+            return [TrustedIssuer("https://partner-1", "p1:", "partners[0].prefix"),
+                    TrustedIssuer("https://partner-2", "p2:", "partners[1].prefix")]
+
+
+    @implementer(IPlugin, IValidatorFactory)
+    class PartnerValidatorFactory:
+        name = "partner-test"
+        description = "a validator trusting two issuers that checks aud only when given one (tests)"
+
+        def build(self, options, context):
+            return PartnerValidator()
+
+
+    partner_test = PartnerValidatorFactory()
+    '''
+)
+
+
+def test_the_front_rules_hold_for_any_validator_that_says_whom_it_trusts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    No validator names in the core: a third-party validator saying it checks aud only when given one and trusts
+    two issuers gets the same audience and source_issuers rules as kubernetes-oidc.
+    """
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "partner_test_validator.py").write_text(THIRD_PARTY_VALIDATOR)
+    front = {"validator": {"type": "partner-test"}, "target_cluster": {"api_server_url": "https://target.example"}}
+    status, lines = check(capsys, "--config", str(write(tmp_path, plugin_dirs=[str(plugins)], ext_authz=front)))
+    assert (status, lines) == (1, [
+        "ext_authz.audience: required when the ext_authz validator is partner-test "
+        "(a token minted for another relying party must never be swapped)",
+        "ext_authz.source_issuers: required when the ext_authz validator trusts more than one issuer",
+    ])
+    fixed = {**front, "audience": "https://workload", "source_issuers": ["https://partner-1", "https://partner-3"]}
+    status, lines = check(capsys, "--config", str(write(tmp_path, plugin_dirs=[str(plugins)], ext_authz=fixed)))
+    assert (status, lines) == (1, [
+        "ext_authz.source_issuers: 'https://partner-3' is not one of ext_authz.validator.issuers"])

@@ -25,7 +25,7 @@ from jwtlet.config import Config
 from jwtlet.daemon.wiring import known_plugins, load_checked, make_service
 from jwtlet.discovery import discover
 from jwtlet.extauthz.grpc_server import grpc_address
-from jwtlet.web.token_api import TokenExchangeAPI
+from jwtlet.web.token_api import EXT_AUTHZ_PREFIX, TokenExchangeAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -407,3 +407,54 @@ def test_kustomize_renders_the_base_and_the_overlay_as_the_files_say() -> None:
     assert environment == overlay_environment()
     container["env"] = [variable for variable in container["env"] if variable not in added]
     assert [deployment] == [m for m in base if m["kind"] == "Deployment"], "the overlay changes nothing else"
+
+
+# -- Istio ---------------------------------------------------------------------------------
+
+ISTIO = OVERLAY / "istio"
+
+
+def istio_provider() -> Manifest:
+    (operator,) = documents(ISTIO / "mesh-config.yaml")
+    assert operator["kind"] == "IstioOperator"
+    (provider,) = operator["spec"]["meshConfig"]["extensionProviders"]
+    return dict(provider)
+
+
+def test_the_istio_provider_reaches_the_http_front_of_the_overlay(tmp_path: Path) -> None:
+    """
+    The provider names the `jwtlet` Service's token port and the path the HTTP front is mounted on,
+    sends the workload's token and takes the swapped one back, and never fails open.
+    """
+    provider = istio_provider()["envoyExtAuthzHttp"]
+    service = next(m for m in base_manifests() if m["kind"] == "Service" and m["metadata"]["name"] == "jwtlet")
+    assert provider["service"] == f"jwtlet.{service['metadata']['namespace']}.svc.cluster.local"
+    assert provider["port"] in {port["port"] for port in service["spec"]["ports"]}
+    assert provider["pathPrefix"] + "/" == EXT_AUTHZ_PREFIX
+    assert provider["failOpen"] is False
+    assert "authorization" in provider["headersToUpstreamOnAllow"]
+    loaded = load_deployed(tmp_path, overlay_environment())
+    assert loaded.ext_authz is not None and loaded.ext_authz.http
+    assert {"authorization", loaded.ext_authz.resource_header} <= set(provider["includeRequestHeadersInCheck"])
+
+
+def test_the_authorization_policy_hands_checks_to_the_jwtlet_provider() -> None:
+    (policy,) = documents(ISTIO / "authorization-policy.yaml")
+    assert policy["kind"] == "AuthorizationPolicy"
+    assert policy["spec"]["action"] == "CUSTOM"
+    assert policy["spec"]["provider"]["name"] == istio_provider()["name"]
+    assert policy["spec"]["rules"], "a CUSTOM policy without rules checks nothing"
+
+
+def test_the_gateway_namespace_reaches_the_token_port_and_no_service_exposes_grpc() -> None:
+    """
+    The sidecar model: gRPC binds loopback, so no Service port 9001 exists; remote gateways use
+    HTTP mode on the token port, which the NetworkPolicy admits from their namespace.
+    """
+    (policy,) = documents(ISTIO / "authorization-policy.yaml")
+    network = one("NetworkPolicy", base_manifests())
+    gateway_namespace = policy["metadata"]["namespace"]
+    assert admitted(network, istio_provider()["envoyExtAuthzHttp"]["port"], gateway_namespace,
+                    namespace_labels(gateway_namespace))
+    services = [m for m in own_manifests(BASE) + own_manifests(OVERLAY) if m["kind"] == "Service"]
+    assert all(port["port"] != 9001 for service in services for port in service["spec"]["ports"])

@@ -29,6 +29,7 @@ SECTIONS = {
     "logging": schema.LoggingConfig,
     "api_keys": schema.ApiKeysConfig,
     "ext_authz": schema.ExtAuthzConfig,
+    "tracing": schema.TracingConfig,
 }
 # Fields of the parsed config that are not keys of the file.
 NOT_KEYS = {"dev", "data_dir", "tables", "storage_backend", "validator", "signer", "token", "k8s", "rate_limits",

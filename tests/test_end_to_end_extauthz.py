@@ -16,10 +16,10 @@ import pytest
 import pytest_twisted
 import treq
 import yaml
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from k8s_fixtures import Cluster, start_cluster, stopping
 from twisted.internet.threads import deferToThread
 
+from jwtlet.extauthz.envoy_api import envoy_service_auth_v3_external_auth_pb2_grpc as external_auth_pb2_grpc
 from jwtlet.testing.envoy import check_request, http_check
 from jwtlet.testing.process import DaemonProcess, free_port
 

@@ -13,7 +13,6 @@ from typing import Any, AsyncIterator
 import grpc
 import pytest
 import pytest_twisted
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from k8s_fixtures import Cluster, plugin_context, start_cluster, stopping
 from twisted.internet import reactor
@@ -21,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
 from jwtlet.extauthz.decide import ExtAuthz, JwtExchange, TokenRequestExchange
+from jwtlet.extauthz.envoy_api import envoy_service_auth_v3_external_auth_pb2_grpc as external_auth_pb2_grpc
 from jwtlet.extauthz.grpc_server import GrpcService, grpc_address
 from jwtlet.extauthz.http_front import ExtAuthzHTTP
 from jwtlet.interfaces import PluginConfigError

@@ -1,6 +1,8 @@
 """
-The JWT attack catalogue, in one place, against the kubernetes-oidc validator
-(and TokenReview where only the API server can know): every forged, confused,
+The JWT attack catalogue, in one place, against both JWT validators --
+kubernetes-oidc and jwt-authenticator, which share the JWT and JWKS code and
+must refuse the same tokens -- (and TokenReview where only the API server can
+know): every forged, confused,
 oversized, stale or replayed token is refused, nothing a token says makes
 jwtlet fetch anything, hostile JSON from a client or an issuer endpoint is a
 rejection or a 503 and never a crash, and keys and bearer tokens never travel
@@ -12,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Callable, Iterator
 
 import attrs
 import pytest
@@ -24,29 +26,64 @@ from jwcrypto.jwe import JWE
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
 from k8s_fixtures import CLIENT_AUDIENCE, Cluster, plugin_context
-from twisted.internet import reactor
+from treq.client import HTTPClient
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, TokenRejected
+from jwtlet.plugins.jwt_authenticator import jwt_authenticator
 from jwtlet.plugins.kubernetes_oidc import MAX_TOKEN_BYTES, kubernetes_oidc
 from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
-from jwtlet.testing.loopback import serve
+from jwtlet.testing.memory import MemoryNetwork
 
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-@pytest.fixture
-def validator(tmp_path: Path, cluster: Cluster, clock: Clock) -> Any:
+#: A JWT validator trusting one issuer: ``(issuer, context, bearer file or None, options) -> validator``.
+Trusting = Callable[[str, Any, Any, dict[str, Any]], Any]
+
+
+def kubernetes_oidc_trusting(issuer: str, context: Any, bearer: Any, options: dict[str, Any]) -> Any:
+    entry = {"issuer": issuer, **({"bearer_token_file": str(bearer)} if bearer else {})}
+    return kubernetes_oidc.build({"issuers": [entry], **options}, context)
+
+
+def jwt_authenticator_trusting(issuer: str, context: Any, bearer: Any, options: dict[str, Any]) -> Any:
+    """Service-account tokens mapped as Kubernetes maps them with username.claim sub and no prefix."""
+    entry = {"issuer": {"url": issuer, "audiences": [CLIENT_AUDIENCE]},
+             "claimMappings": {"username": {"claim": "sub", "prefix": ""}}}
+    return jwt_authenticator.build({"jwt": [entry], **options}, context)
+
+
+JWT_VALIDATORS: dict[str, Trusting] = {
+    "kubernetes-oidc": kubernetes_oidc_trusting,
+    "jwt-authenticator": jwt_authenticator_trusting,
+}
+
+
+@pytest.fixture(params=sorted(JWT_VALIDATORS))
+def trust(request: pytest.FixtureRequest, tmp_path: Path, cluster: Cluster) -> Callable[..., Any]:
+    """Builds the validator under test: ``trust(issuer, context, bearer=True, **options)``."""
     bearer = tmp_path / "bearer"
     bearer.write_text("jwtlet-own-token")
-    return kubernetes_oidc.build(
-        {"issuers": [{"issuer": cluster.fake.issuer, "bearer_token_file": str(bearer)}]},
-        plugin_context(tmp_path, cluster, clock))
+    if request.param == "jwt-authenticator":
+        # Kubernetes' authenticators send no credential for discovery: the fake's endpoints must be public.
+        cluster.fake.discovery_requires_auth = False
+    trusting = JWT_VALIDATORS[request.param]
+
+    def build(issuer: str, context: Any, bearer_token: bool = True, **options: Any) -> Any:
+        return trusting(issuer, context, bearer if bearer_token else None, options)
+
+    return build
+
+
+@pytest.fixture
+def validator(trust: Callable[..., Any], tmp_path: Path, cluster: Cluster, clock: Clock) -> Any:
+    return trust(cluster.fake.issuer, plugin_context(tmp_path, cluster, clock))
 
 
 def signed_raw(cluster: Cluster, header: Any, payload: bytes) -> str:
@@ -125,7 +162,8 @@ async def test_duplicate_members_in_header_or_claims(validator: Any, cluster: Cl
     duplicated_header = f'{{"alg": "RS256", "kid": "{kid}", "alg": "none"}}'.encode()
     await refused(validator, signed_raw(cluster, duplicated_header, claims.encode()))
     assert (await validator.validate(signed_raw(cluster, {"alg": "RS256", "kid": kid}, claims.encode()),
-                                     CLIENT_AUDIENCE)).name == "app", "the same token without duplicates passes"
+                                     CLIENT_AUDIENCE)).username == "system:serviceaccount:ns:app", \
+        "the same token without duplicates passes"
 
 
 @pytest_twisted.ensureDeferred
@@ -240,12 +278,21 @@ class Documents(Resource):
         return self.bodies.get(request.path, b"{}")
 
 
-@pytest_twisted.async_yield_fixture
-async def hostile_issuer() -> AsyncIterator[tuple[Documents, str]]:
+@attrs.frozen
+class HostileIssuer:
+    """The hostile issuer, served in memory at ``url``, and a client that reaches it (and nothing else)."""
+
+    documents: Documents
+    url: str
+    client: HTTPClient
+
+
+@pytest.fixture
+def hostile_issuer() -> HostileIssuer:
+    network = MemoryNetwork()
     documents = Documents()
-    server = await serve(reactor, documents)
-    yield documents, server.url
-    await server.stop()
+    server = network.serve("https://issuer.attacker.example", documents)
+    return HostileIssuer(documents, server.url, network.client())
 
 
 def hostile_documents() -> list[bytes]:
@@ -260,33 +307,33 @@ def hostile_documents() -> list[bytes]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_hostile_jwks_endpoint_never_crashes_the_validator(
-    tmp_path: Path, cluster: Cluster, clock: Clock, hostile_issuer: tuple[Documents, str]
+    tmp_path: Path, cluster: Cluster, clock: Clock, hostile_issuer: HostileIssuer
 ) -> None:
     """
     The JWKS endpoint answers deeply nested, oversized, non-UTF-8, duplicated
     or nonsensical documents: tokens are refused or jwtlet is unavailable
     (503), never an unhandled exception.
     """
-    documents, url = hostile_issuer
     token = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE])
+    context = plugin_context(tmp_path, cluster, clock, http_client=hostile_issuer.client)
     for body in hostile_documents():
-        documents.bodies[b"/jwks"] = body
-        validator = kubernetes_oidc.build({"issuers": [{"issuer": cluster.fake.issuer, "jwks_uri": f"{url}/jwks"}]},
-                                          plugin_context(tmp_path, cluster, clock))
+        hostile_issuer.documents.bodies[b"/jwks"] = body
+        validator = kubernetes_oidc.build(
+            {"issuers": [{"issuer": cluster.fake.issuer, "jwks_uri": f"{hostile_issuer.url}/jwks"}]}, context)
         with pytest.raises((DependencyUnavailable, TokenRejected)):
             await validator.validate(token, CLIENT_AUDIENCE)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_hostile_discovery_document_never_crashes_the_validator(
-    tmp_path: Path, cluster: Cluster, clock: Clock, hostile_issuer: tuple[Documents, str]
+    tmp_path: Path, cluster: Cluster, clock: Clock, hostile_issuer: HostileIssuer, trust: Callable[..., Any]
 ) -> None:
     """The same for the issuer's discovery document: 503 and /ready down, never a crash."""
-    documents, url = hostile_issuer
-    token = cluster.fake.sign(dict(good_claims(cluster), iss=url))
+    token = cluster.fake.sign(dict(good_claims(cluster), iss=hostile_issuer.url))
+    context = plugin_context(tmp_path, cluster, clock, http_client=hostile_issuer.client)
     for body in [*hostile_documents(), b'{"jwks_uri": ["http://127.0.0.1:1/"]}', b'{"jwks_uri": "http://[::1"}']:
-        documents.bodies[b"/.well-known/openid-configuration"] = body
-        validator = kubernetes_oidc.build({"issuers": [{"issuer": url}]}, plugin_context(tmp_path, cluster, clock))
+        hostile_issuer.documents.bodies[b"/.well-known/openid-configuration"] = body
+        validator = trust(hostile_issuer.url, context, bearer_token=False)
         with pytest.raises(DependencyUnavailable):
             await validator.validate(token, CLIENT_AUDIENCE)
         with pytest.raises(DependencyUnavailable):
@@ -323,14 +370,15 @@ async def test_a_stolen_pod_token_past_warnafter_is_expired(validator: Any, clus
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_token_older_than_the_maximum_age_is_refused(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
+async def test_a_token_older_than_the_maximum_age_is_refused(
+    tmp_path: Path, cluster: Cluster, clock: Clock, trust: Callable[..., Any]
+) -> None:
     """
     An attacker replays a long-lived token (``exp`` far out, no warnafter)
     issued longer ago than ``token.max_subject_token_age_secs``: refused.
     """
     context = plugin_context(tmp_path, cluster, clock, max_age=600)
-    validator = kubernetes_oidc.build({"issuers": [{"issuer": cluster.fake.issuer, "bearer_token_file": str(
-        tmp_path / "own-token")}], "leeway_secs": 30}, context)
+    validator = trust(cluster.fake.issuer, context, leeway_secs=30)
     issued = int(clock.seconds())
     old = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE], ttl=86400, issued_at=issued - 631)
     with pytest.raises(TokenRejected, match="max_subject_token_age_secs"):
@@ -403,7 +451,10 @@ def test_plaintext_issuer_and_jwks_uri_are_config_errors(tmp_path: Path, cluster
 
 @attrs.define
 class RecordingClient:
-    """The validator's HTTP client, recording every URL asked for and the Authorization sent."""
+    """
+    The validator's HTTP client, recording every URL asked for and the
+    Authorization sent (the validators fetch with ``get`` only).
+    """
 
     client: Any
     sent: list[tuple[str, Any]] = attrs.field(factory=list)
@@ -418,7 +469,7 @@ def errors_logged() -> Iterator[list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
 
     def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "jwtlet.validator.oidc" and event["log_level"] >= LogLevel.warn:
+        if str(event.get("log_namespace")).startswith("jwtlet.validator.") and event["log_level"] >= LogLevel.warn:
             events.append(event)
 
     globalLogPublisher.addObserver(observe)
@@ -428,7 +479,7 @@ def errors_logged() -> Iterator[list[dict[str, Any]]]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_discovered_plaintext_jwks_uri_makes_the_issuer_unusable(
-    tmp_path: Path, cluster: Cluster, clock: Clock, errors_logged: list[dict[str, Any]]
+    tmp_path: Path, cluster: Cluster, clock: Clock, errors_logged: list[dict[str, Any]], trust: Callable[..., Any]
 ) -> None:
     """
     The issuer's discovery document (changed by an attacker, or misconfigured)
@@ -437,14 +488,9 @@ async def test_a_discovered_plaintext_jwks_uri_makes_the_issuer_unusable(
     tokens get 503 and /ready is down; the refusal is logged once, not per
     request.
     """
-    bearer = tmp_path / "bearer"
-    bearer.write_text("jwtlet-own-token")
-    context = plugin_context(tmp_path, cluster, clock)
     recording = RecordingClient(cluster.client)
-    context.http_client = recording
-    validator = kubernetes_oidc.build(
-        {"issuers": [{"issuer": cluster.fake.issuer, "bearer_token_file": str(bearer)}], "jwks_cache_ttl_secs": 60},
-        context)
+    context = plugin_context(tmp_path, cluster, clock, http_client=recording)  # type: ignore[arg-type]
+    validator = trust(cluster.fake.issuer, context, jwks_cache_ttl_secs=60)
     await validator.validate(cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE]), CLIENT_AUDIENCE)
 
     cluster.fake.url = "http://jwks.attacker.example"

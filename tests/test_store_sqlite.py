@@ -102,7 +102,7 @@ def test_an_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
         process.wait()
         acknowledged += 5
     connection = sqlite3.connect(path)
-    count = connection.execute("SELECT COUNT(*) FROM mappings").fetchone()[0]
+    count = connection.execute("SELECT COUNT(*) FROM resource_mappings").fetchone()[0]
     assert count == acknowledged
     assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
@@ -126,8 +126,8 @@ async def test_a_read_only_database_is_503_and_leaves_nothing_half_written(tmp_p
     finally:
         await store.stopService()
     check = sqlite3.connect(path)
-    assert check.execute("SELECT COUNT(*) FROM mappings").fetchone() == (0,)
-    assert check.execute("SELECT claims FROM scopes").fetchall() == [('{"a": 1}',)]
+    assert check.execute("SELECT COUNT(*) FROM resource_mappings").fetchone() == (0,)
+    assert check.execute("SELECT claims FROM scope_mappings").fetchall() == [('{"a": 1}',)]
 
 
 def _read_only(path: Path) -> sqlite3.Connection:

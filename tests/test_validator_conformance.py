@@ -22,11 +22,14 @@ from jwtlet.apikeys.keys import make_key
 from jwtlet.interfaces import PluginContext
 from jwtlet.model import ApiKeyRecord, Integration
 from jwtlet.plugins.api_key import api_key
+from jwtlet.plugins.jwt_authenticator import jwt_authenticator
 from jwtlet.plugins.kubernetes_oidc import kubernetes_oidc
 from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
 from jwtlet.plugins.memory_store import memory
 from jwtlet.testing.conformance.validator import ValidatorConformance, ValidatorHarness
 from jwtlet.testing.fakes import Interruptible, StaticValidator, service_account
+from jwtlet.testing.memory import MemoryNetwork
+from jwtlet.testing.oidc import GITHUB_ISSUER, FakeOIDCIssuer
 
 SERVICE_ACCOUNT = "system:serviceaccount:ns:app"
 
@@ -141,9 +144,44 @@ async def static_fake(tmp_path: Path, clock: Clock) -> ValidatorHarness:
     )
 
 
+async def jwt_authenticator_github(tmp_path: Path, clock: Clock) -> ValidatorHarness:
+    """GitHub Actions tokens from the fake issuer, in memory at GitHub's issuer URL."""
+    network = MemoryNetwork()
+    github = FakeOIDCIssuer(issuer=GITHUB_ISSUER, clock=clock)
+    server = network.serve(GITHUB_ISSUER, github.resource())
+    options = {"jwt": [{"issuer": {"url": GITHUB_ISSUER, "audiences": [CLIENT_AUDIENCE]},
+                        "claimMappings": {"username": {"expression": '"github:" + claims.repository'}}}]}
+    validator = jwt_authenticator.build(options, PluginContext(
+        reactor=clock, clock=clock, http_client=network.client(), config=jwtlet_config("jwt-authenticator"),
+        data_dir=tmp_path))
+
+    def token(audience: str = CLIENT_AUDIENCE) -> str:
+        return github.sign(github.github_actions(audience))
+
+    def expired() -> str:
+        claims = github.github_actions(CLIENT_AUDIENCE)
+        issued = claims["iat"] - 7200
+        return github.sign({**claims, "iat": issued, "nbf": issued, "exp": issued + 300})
+
+    def take_down() -> None:
+        server.stop()
+
+    return ValidatorHarness(
+        validator=validator,
+        clock=clock,
+        audience=CLIENT_AUDIENCE,
+        username="github:acme/app",
+        good_token=token,
+        other_audience_token=lambda: token("https://another-service.example"),
+        expired_token=expired,
+        take_peer_down=take_down,
+    )
+
+
 HARNESSES: dict[str, Callable[[Path, Clock], Awaitable[ValidatorHarness]]] = {
     "kubernetes-oidc (jwks_file)": oidc_static_jwks,
     "kubernetes-oidc (discovery)": oidc_discovery,
+    "jwt-authenticator (GitHub Actions)": jwt_authenticator_github,
     "kubernetes-tokenreview": tokenreview,
     "api-key": api_keys,
     "testing.fakes.StaticValidator": static_fake,

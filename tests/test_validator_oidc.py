@@ -1,5 +1,5 @@
 """
-The kubernetes-oidc validator against the fake API server over loopback:
+The kubernetes-oidc validator against the fake API server in memory:
 success, the attack catalogue, key rotation, outages and the JWKS cache.
 """
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import types
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,13 @@ import pytest_twisted
 from jwcrypto.common import json_encode
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
-from k8s_fixtures import CLIENT_AUDIENCE, Cluster, own_token_file, plugin_context
+from k8s_fixtures import CLIENT_AUDIENCE, Cluster, jwtlet_config, own_token_file, plugin_context
 from twisted.internet.task import Clock
 
-from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, TokenRejected
+from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, PluginContext, TokenRejected
 from jwtlet.metrics import Metrics
 from jwtlet.plugins.kubernetes_oidc import kubernetes_oidc
+from jwtlet.testing.memory import MemoryNetwork
 
 
 def build(tmp_path: Path, cluster: Cluster, clock: Clock, **options: Any) -> Any:
@@ -197,8 +197,7 @@ async def test_issuer_down_serves_cached_keys_then_503(tmp_path: Path, cluster: 
 async def test_jwks_fetches_are_counted_in_the_daemons_metrics(tmp_path: Path, cluster: Cluster, clock: Clock) -> None:
     """Operators alert on ``jwtlet_jwks_refresh_total{outcome="failure"}``: each fetch counts once, by outcome."""
     metrics = Metrics()
-    context = plugin_context(tmp_path, cluster, clock)
-    context.metrics = metrics
+    context = plugin_context(tmp_path, cluster, clock, metrics=metrics)
     validator = kubernetes_oidc.build({"issuers": [{"issuer": cluster.fake.issuer, "bearer_token_file": str(
         own_token_file(tmp_path))}], "jwks_cache_ttl_secs": 60}, context)
 
@@ -250,11 +249,11 @@ def rs256_by_hand(fake: Any, header: dict[str, Any], claims: dict[str, Any]) -> 
     return f"{signing_input}.{b64(signature)}"
 
 
-def option_context(tmp_path: Path, dev: bool = False) -> Any:
-    config = types.SimpleNamespace(k8s=types.SimpleNamespace(ca_file=None), dev=dev,
-                                   token=types.SimpleNamespace(max_subject_token_age_secs=86400))
-    return types.SimpleNamespace(reactor=Clock(), clock=Clock(), http_client=object(), config=config,
-                                 data_dir=tmp_path)
+def option_context(tmp_path: Path, dev: bool = False) -> PluginContext:
+    """For option checks: a network with nobody on it, as nothing is fetched while options are read."""
+    clock = Clock()
+    return PluginContext(reactor=clock, clock=clock, http_client=MemoryNetwork().client(),
+                         config=jwtlet_config("kubernetes-oidc", dev=dev), data_dir=tmp_path)
 
 
 def test_option_problems_are_reported_together(tmp_path: Path) -> None:

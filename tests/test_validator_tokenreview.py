@@ -11,6 +11,7 @@ import pytest_twisted
 from k8s_fixtures import CLIENT_AUDIENCE, Cluster, plugin_context
 from twisted.internet.task import Clock
 
+from jwtlet.config.schema import K8sConfig
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, TokenRejected
 from jwtlet.outbound import close_http_client
 from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
@@ -128,8 +129,8 @@ def test_option_problems(tmp_path: Path) -> None:
     ctx = types.SimpleNamespace(
         reactor=Clock(), clock=Clock(), http_client=object(), data_dir=tmp_path,
         config=types.SimpleNamespace(dev=False, token=types.SimpleNamespace(max_subject_token_age_secs=86400),
-                                     k8s=types.SimpleNamespace(api_server_url=None, token_file="/t", ca_file="/c",
-                                                               cluster_issuer="https://k")),
+                                     k8s=K8sConfig(api_server_url=None, token_file="/t", ca_file="/c",
+                                                   cluster_issuer="https://k")),
     )
     with pytest.raises(PluginConfigError) as raised:
         kubernetes_tokenreview.build({"cache_ttl_secs": 60, "timeout_secs": 0, "bogus": 1}, ctx)

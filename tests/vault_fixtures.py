@@ -81,7 +81,8 @@ def signer_context(tmp_path: Path, clock: Any = None, token_ttl: int = 600) -> t
     sa_token = tmp_path / "sa-token"
     if not sa_token.exists():
         sa_token.write_text("kubernetes-sa-jwt")
-    config = types.SimpleNamespace(token=types.SimpleNamespace(token_ttl_secs=token_ttl),
+    config = types.SimpleNamespace(token=types.SimpleNamespace(token_ttl_secs=token_ttl,
+                                                               participant_context_claim="jwtlet_pc"),
                                    k8s=types.SimpleNamespace(token_file=str(sa_token)), dev=False)
     return types.SimpleNamespace(reactor=reactor, clock=clock or reactor, config=config,
                                  http_client=None, data_dir=tmp_path)

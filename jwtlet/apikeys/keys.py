@@ -10,11 +10,13 @@ import base64
 import hashlib
 import hmac
 import re
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import attrs
 
 SECRET_BYTES = 32
+#: Tiers are what M-Lab stores: a non-negative 32-bit integer.
+MAX_TIER = 2**31 - 1
 MAX_KEY_LENGTH = 300
 MAX_ID_LENGTH = 64
 MAX_SECRET_LENGTH = 128
@@ -43,6 +45,32 @@ class NewKey:
 def valid_id(value: str) -> bool:
     """Integration and key ids: 1..64 of ``[A-Za-z0-9_-]`` (no dots: they separate parts)."""
     return _ID.fullmatch(value) is not None
+
+
+def valid_tier(value: object) -> bool:
+    """An integer from 0 to :data:`MAX_TIER` (``true`` is not 1)."""
+    return not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= MAX_TIER
+
+
+def bound_profiles(given: object, configured: Sequence[str]) -> Optional[tuple[str, ...]]:
+    """
+    The profiles a new integration is bound to (migration.md, M-Lab), from
+    ``given`` (a list of profile names, or ``None`` when not given) and the
+    profiles configured: each name must be configured; with several
+    configured the list is required, with one the integration is bound to
+    it (so a profile added later is not open to it), with none it is kept
+    for every profile.  Raises ``ValueError`` saying what is wrong.
+    """
+    if given is None:
+        if len(configured) > 1:
+            raise ValueError(f"profiles is required: more than one profile is configured ({', '.join(configured)})")
+        return tuple(configured) if configured else None
+    if not isinstance(given, (list, tuple)) or not given or not all(isinstance(name, str) for name in given):
+        raise ValueError("profiles must be a non-empty list of profile names")
+    unknown = [name for name in given if configured and name not in configured]
+    if unknown:
+        raise ValueError(f"no such profile: {', '.join(unknown)} (configured: {', '.join(configured)})")
+    return tuple(sorted(set(given)))
 
 
 def digest(secret: str) -> bytes:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable, Coroutine, TextIO
+from typing import Awaitable, Callable, Optional, TextIO
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import react
 
 from jwtlet.apikeys import keys as apikeys
@@ -20,7 +21,7 @@ from jwtlet.model import ApiKeyRecord, Integration
 from jwtlet.providers import Store
 
 
-def _with_store(args: argparse.Namespace, work: Callable[[Store, Config], Coroutine[Any, Any, int]]) -> int:
+def _with_store(args: argparse.Namespace, work: Callable[[Store, Config], Awaitable[int]]) -> int:
     from jwtlet.daemon.plugins import as_service, build_provider
     from jwtlet.daemon.wiring import load_checked
 
@@ -31,7 +32,7 @@ def _with_store(args: argparse.Namespace, work: Callable[[Store, Config], Corout
         return 1
     status = [1]
 
-    async def main(reactor: Any) -> None:
+    async def main(reactor: IReactorTime) -> None:
         context = PluginContext(reactor=reactor, clock=reactor, http_client=None, config=config,
                                 data_dir=config.data_dir, random_bytes=os.urandom)
         try:
@@ -51,7 +52,7 @@ def _with_store(args: argparse.Namespace, work: Callable[[Store, Config], Corout
             if service is not None:
                 await maybeDeferred(service.stopService)
 
-    def run(reactor: Any) -> Deferred[None]:
+    def run(reactor: IReactorTime) -> Deferred[None]:
         return ensureDeferred(main(reactor))
 
     try:
@@ -68,10 +69,20 @@ def create(args: argparse.Namespace, out: TextIO) -> int:
         return 2
 
     async def work(store: Store, config: Config) -> int:
+        configured = tuple(config.api_keys.profiles) if config.api_keys else ()
         try:
-            await store.add_integration(Integration(args.integration, args.description))
+            profiles = apikeys.bound_profiles(args.profile, configured)
+        except ValueError as error:
+            sys.stderr.write(f"jwtlet apikey: {error}\n")
+            return 2
+        try:
+            await store.add_integration(Integration(args.integration, args.description, profiles=profiles))
         except Conflict:
-            pass  # keys are added to an existing integration
+            # Keys are added to an existing integration, which keeps the profiles it was created with.
+            if args.profile is not None and not await _bound_as(store, args.integration, profiles):
+                sys.stderr.write(f"jwtlet apikey: {args.integration} exists, bound to other profiles; "
+                                 "--profile applies when an integration is created\n")
+                return 1
         prefix = config.api_keys.prefix if config.api_keys else "jwtk"
         made = apikeys.make_key(prefix, args.integration, args.key_id, os.urandom)
         record = ApiKeyRecord(args.integration, made.key_id, made.secret_sha256, tier=args.tier,
@@ -86,6 +97,22 @@ def create(args: argparse.Namespace, out: TextIO) -> int:
         return 0
 
     return _with_store(args, work)
+
+
+async def _bound_as(store: Store, integration_id: str, profiles: Optional[tuple[str, ...]]) -> bool:
+    return any(found.integration_id == integration_id and found.profiles == profiles
+               for found in await store.list_integrations())
+
+
+def _tier(text: str) -> int:
+    """``--tier``: refused as the management API refuses it (a negative tier, say)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not apikeys.valid_tier(value):
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {apikeys.MAX_TIER}")
+    return value
 
 
 def list_keys(args: argparse.Namespace, out: TextIO) -> int:
@@ -116,14 +143,17 @@ def revoke(args: argparse.Namespace, out: TextIO) -> int:
     return _with_store(args, work)
 
 
-def add_commands(commands: Any) -> None:
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``apikey`` subcommand tree of the ``jwtlet`` command."""
     apikey = commands.add_parser("apikey", help="create, list and revoke API keys in the configured store")
     actions = apikey.add_subparsers(dest="action", required=True, metavar="ACTION")
     made = actions.add_parser("create", help="create a key (and its integration if missing); prints it once")
     made.add_argument("--config", required=True)
     made.add_argument("--integration", required=True)
-    made.add_argument("--tier", type=int, default=0)
+    made.add_argument("--tier", type=_tier, default=0)
+    made.add_argument("--profile", action="append",
+                      help="an api_keys profile the integration's keys may get tokens for (repeatable; "
+                           "required with several profiles when the integration is created)")
     made.add_argument("--description", default="")
     made.add_argument("--key-id")
     made.set_defaults(handler=create)

@@ -1,7 +1,7 @@
 """
 The ``jwtlet`` command: ``run``, ``dev``, ``check-config``, ``plugins``,
 ``dev-token``, ``keygen`` (and, from their own modules, ``apikey`` and
-``mint``).  Each subcommand returns an exit status; nothing here starts a
+``mint``), and ``jwtlet-server``, the Rust jwtlet's.  Each subcommand returns an exit status; nothing here starts a
 reactor except ``run``/``dev``, which hand over to twistd.
 """
 
@@ -71,8 +71,8 @@ def command_plugins(args: argparse.Namespace, out: TextIO) -> int:
         except ConfigError as error:
             sys.stderr.write("".join(f"{problem}\n" for problem in error.problems))
             return 1
-        found = raw.get("plugin_dirs") or []
-        plugin_dirs = [d for d in found if isinstance(d, str)]
+        found = raw.get("plugin_dirs")
+        plugin_dirs = [d for d in found if isinstance(d, str)] if isinstance(found, list) else []
     discovered = discover(plugin_dirs)
     for plugin in discovered.plugins:
         out.write(f"{plugin.kind}\t{plugin.name}\t{plugin.module}\t{plugin.description}\n")
@@ -125,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
 
     run = add("run", command_run, "run the daemon in the foreground (twistd -n jwtlet)")
     run.add_argument("--config")
+    # The Rust jwtlet's manifests give the path positionally (``jwtlet-server PATH``).
+    run.add_argument("path", nargs="?", metavar="PATH", help="the config file (the same as --config PATH)")
     run.add_argument("--dev", action="store_true")
     run.add_argument("--data-dir")
     dev = add("dev", command_dev, "run the daemon on the embedded development defaults")
@@ -154,8 +156,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if arguments[:1] == ["mint"]:
         # mint has its own parser: its flags and environment are the jwt-generator contract.
         return mint.mint(arguments[1:], os.environ)
-    args = parser().parse_args(arguments)
+    top = parser()
+    args = top.parse_args(arguments)
+    path = getattr(args, "path", None)
+    if path is not None:
+        if args.config is not None and args.config != path:
+            top.error(f"the config file is given twice: {path} and --config {args.config}")
+        args.config = path
     return int(args.handler(args, sys.stdout))
+
+
+def server(argv: Optional[Sequence[str]] = None) -> int:
+    """
+    ``jwtlet-server [PATH]``, the Rust jwtlet's command line: the config path
+    as the one positional argument, ``jwtlet run --config PATH`` otherwise.
+    """
+    top = argparse.ArgumentParser(prog="jwtlet-server", description="run jwtlet as the Rust jwtlet's image does")
+    top.add_argument("path", nargs="?", metavar="PATH", help="the config file (default: $JWTLET_CONFIG_FILE)")
+    args = top.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return main(["run", *(["--config", args.path] if args.path else [])])
 
 
 if __name__ == "__main__":

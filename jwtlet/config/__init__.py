@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 from jwtlet.config.errors import ConfigError
 from jwtlet.config.parse import parse, read
@@ -60,7 +60,7 @@ def load(
     path: Optional[str] = None,
     environ: Optional[Mapping[str, str]] = None,
     *,
-    base: Optional[Mapping[str, Any]] = None,
+    base: Optional[Mapping[str, object]] = None,
     dev: bool = False,
     data_dir: Optional[str] = None,
     known_plugins: Optional[KnownPlugins] = None,

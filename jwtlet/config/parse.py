@@ -12,13 +12,15 @@ can build the plugins in check mode and list their problems in the same run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 
 from jwtlet.config.errors import ConfigError
-from jwtlet.config.ext_authz import prefixes_across_validators, read_ext_authz
+from jwtlet.config.ext_authz import read_ext_authz
 from jwtlet.config.reader import (
     REQUIRED,
     SectionReader,
@@ -52,8 +54,10 @@ from jwtlet.config.schema import (
     PluginSection,
     RateLimits,
     TokenConfig,
+    TracingConfig,
 )
-from jwtlet.policy import RESERVED_CLAIMS
+from jwtlet.kubernetes import kubeconfig
+from jwtlet.policy import API_KEY_CLAIMS, RESERVED_CLAIMS
 
 T = TypeVar("T")
 
@@ -106,6 +110,7 @@ def read(
     token = _token(top.table("token"))
     rate_limits = _rate_limits(top.table("rate_limits"))
     limits = _limits(top.table("limits"))
+    workers = top.get("workers", as_workers, 1)
     # A plugin may own a top-level table, never one of the core's.
     owned = [name for name in known.tables if name not in attrs.fields_dict(Config)]
     tables = {name: top.get(name, as_table, {}) for name in owned if top.present(name)}
@@ -116,10 +121,9 @@ def read(
     ext_authz = _optional(top, "ext_authz", lambda section: read_ext_authz(section, dev))
     metrics = _metrics(top.table("metrics"))
     logging = _logging(top.table("logging"))
+    tracing = _tracing(top.table("tracing"))
     _finish_top(top, known)
 
-    if ext_authz is not None and ext_authz.exchange == "jwt":
-        problems.extend(prefixes_across_validators(validator, ext_authz.validator, k8s))
     if known_plugins is not None:
         problems.extend(_unknown_types(known_plugins, storage, validator, signer, ext_authz))
     if dev and not is_loopback_host(bind):
@@ -137,9 +141,10 @@ def read(
         storage_backend=storage,
         k8s=k8s,
         validator=validator,
-        token=token or TokenConfig(client_audience="", audience=""),
+        token=token or TokenConfig(client_audience=(), audience=""),
         rate_limits=rate_limits,
         limits=limits,
+        workers=workers,
         signer=signer,
         management=management,
         service_accounts=service_accounts,
@@ -147,6 +152,7 @@ def read(
         ext_authz=ext_authz,
         metrics=metrics,
         logging=logging,
+        tracing=tracing,
         tables=tables,
         dev=dev,
         data_dir=data_dir,
@@ -233,8 +239,9 @@ def _k8s(section: SectionReader, dev: bool) -> K8sConfig:
         token_file=section.get("token_file", as_nonempty_str, defaults.token_file),
         ca_file=section.get("ca_file", as_nonempty_str, defaults.ca_file),
     )
+    path, context = kubeconfig.read_keys(section, dev)
     section.finish()
-    return config
+    return attrs.evolve(config, kubeconfig=path, context=context)
 
 
 def _not_reserved(name: str) -> Optional[str]:
@@ -242,7 +249,7 @@ def _not_reserved(name: str) -> Optional[str]:
 
 
 def _token(section: SectionReader) -> Optional[TokenConfig]:
-    client_audience = section.get("client_audience", as_nonempty_str)
+    client_audience = section.get("client_audience", as_audiences)
     audience = section.get("audience", as_nonempty_str)
     claim = section.get("participant_context_claim", as_nonempty_str, "jwtlet_pc", _not_reserved)
     ttl = section.get("token_ttl_secs", as_int, 3600, in_range(1, 86400))
@@ -253,6 +260,15 @@ def _token(section: SectionReader) -> Optional[TokenConfig]:
     if client_audience is None or audience is None:
         return None
     return TokenConfig(client_audience, audience, claim, ttl, strict, replay, max_age)
+
+
+def as_audiences(value: Any) -> tuple[str, ...]:
+    """``client_audience``: a non-empty string or a non-empty list of them."""
+    listed = [value] if isinstance(value, str) else value
+    if (not isinstance(listed, (list, tuple)) or not listed
+            or not all(isinstance(item, str) and item.strip() for item in listed)):
+        raise ValueError("must be a non-empty string or a non-empty list of them")
+    return tuple(dict.fromkeys(listed))
 
 
 def _rate_limits(section: SectionReader) -> RateLimits:
@@ -270,8 +286,18 @@ def _limits(section: SectionReader) -> LimitsConfig:
     return limits
 
 
+def as_workers(value: Any) -> int:
+    """``workers``: a count of at least 1, or ``"auto"`` for one per CPU core."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    count = as_int(value)
+    if count < 1:
+        raise ValueError('must be at least 1 or "auto"')
+    return count
+
+
 def _management(section: SectionReader) -> ManagementConfig:
-    config = ManagementConfig(client_audience=section.get("client_audience", as_nonempty_str, None))
+    config = ManagementConfig(client_audience=section.get("client_audience", as_audiences, None))
     section.finish()
     return config
 
@@ -284,12 +310,21 @@ def _api_keys(section: SectionReader) -> ApiKeysConfig:
         profile = profiles_section.table(str(name))
         audience = profile.get("audience", as_nonempty_str)
         ttl = profile.get("ttl_secs", as_int, 3600, in_range(1, 86400))
+        # Any string: M-Lab's relying parties expect ``iss: token-exchange``, not a URL.
+        issuer = profile.get("issuer", as_nonempty_str, None)
+        static = profile.get("claims", as_table, {}, _profile_claims)
         profile.finish()
         if audience is not None:
-            profiles[str(name)] = ApiKeyProfile(str(name), audience, ttl)
+            profiles[str(name)] = ApiKeyProfile(str(name), audience, ttl, issuer, static)
     profiles_section.finish()
     section.finish()
     return ApiKeysConfig(prefix=prefix, profiles=profiles)
+
+
+def _profile_claims(claims: Mapping[str, Any]) -> Optional[str]:
+    """A profile's static claims never name a registered claim or what the token says of its key."""
+    taken = sorted(set(claims) & (RESERVED_CLAIMS | API_KEY_CLAIMS))
+    return f"{', '.join(taken)}: reserved claim names" if taken else None
 
 
 def _no_dots(value: str) -> Optional[str]:
@@ -311,9 +346,31 @@ def _logging(section: SectionReader) -> LoggingConfig:
         level=section.get(
             "level",
             as_str,
-            "info",
+            None,
             lambda v: None if v.lower() in _LOG_LEVELS else "must be debug, info, warn, error or critical",
         ),
+    )
+    section.finish()
+    return config
+
+
+def _collector_url(value: str) -> Optional[str]:
+    # Spans carry no secret (observability.md), so a collector in the cluster may be plain http.
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return "must be an absolute http(s) URL"
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "must be an absolute http(s) URL"
+    return None
+
+
+def _tracing(section: SectionReader) -> TracingConfig:
+    config = TracingConfig(
+        enabled=section.get("enabled", as_bool, False),
+        endpoint=section.get("endpoint", as_nonempty_str, None, _collector_url),
+        service_name=section.get("service_name", as_nonempty_str, "jwtlet"),
+        sample_ratio=section.get("sample_ratio", as_number, 1.0, in_range(0, 1)),
     )
     section.finish()
     return config

@@ -43,17 +43,60 @@ class PluginSection:
         return cls(type=kind or "", options=options, section=section.path)
 
 
+#: client-go's in-cluster config: the pod's own service-account token and the cluster's CA.
+IN_CLUSTER_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+IN_CLUSTER_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+
+@attrs.frozen
+class ClusterAccess:
+    """
+    How one config table says to reach an API server (``None``: not said):
+    its explicit keys win over its kubeconfig (migration.md, Tokensmith), and
+    what it leaves unsaid comes from the next table, then in-cluster
+    (:func:`jwtlet.kubernetes.kubeconfig.resolve`).
+    """
+
+    api_server_url: Optional[str] = None
+    token_file: Optional[str] = None
+    ca_file: Optional[str] = None
+    kubeconfig: Optional[str] = None
+    context: Optional[str] = None
+
+
 @attrs.frozen
 class K8sConfig:
     api_server_url: Optional[str] = None
     cluster_issuer: str = "https://kubernetes.default.svc.cluster.local"
-    token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    token_file: str = IN_CLUSTER_TOKEN_FILE
+    ca_file: str = IN_CLUSTER_CA_FILE
+    kubeconfig: Optional[str] = None
+    context: Optional[str] = None
+
+    def access(self) -> ClusterAccess:
+        """
+        This table as a layer: ``token_file`` and ``ca_file`` at their
+        in-cluster defaults are the in-cluster layer itself, so a kubeconfig
+        beside them supplies the credential and the CA.
+        """
+        return ClusterAccess(
+            api_server_url=self.api_server_url,
+            token_file=self.token_file if self.token_file != IN_CLUSTER_TOKEN_FILE else None,
+            ca_file=self.ca_file if self.ca_file != IN_CLUSTER_CA_FILE else None,
+            kubeconfig=self.kubeconfig,
+            context=self.context,
+        )
+
+
+def audience_list(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``client_audience`` as written, a string or a list (Mozambigue's several audiences), as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 @attrs.frozen
 class TokenConfig:
-    client_audience: str
+    #: subject tokens must have been issued for one of these
+    client_audience: tuple[str, ...] = attrs.field(converter=audience_list)
     audience: str
     participant_context_claim: str = "jwtlet_pc"
     token_ttl_secs: int = 3600
@@ -75,7 +118,8 @@ class RateLimits:
 
 @attrs.frozen
 class ManagementConfig:
-    client_audience: Optional[str] = None
+    client_audience: Optional[tuple[str, ...]] = attrs.field(
+        default=None, converter=attrs.converters.optional(audience_list))
 
 
 @attrs.frozen
@@ -83,6 +127,10 @@ class ApiKeyProfile:
     name: str
     audience: str
     ttl_secs: int
+    #: the ``iss`` of this profile's tokens (``None``: the top-level ``issuer``)
+    issuer: Optional[str] = None
+    #: claims every token of this profile carries (M-Lab's ``org``), never a reserved one
+    claims: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -93,9 +141,9 @@ class ApiKeysConfig:
 
 @attrs.frozen
 class TargetCluster:
-    api_server_url: str
-    token_file: str
-    ca_file: Optional[str]
+    """``ext_authz.target_cluster``: where TokenRequest goes (``access``), and what it asks for."""
+
+    access: ClusterAccess
     audiences: tuple[str, ...]
     expiration_secs: int
 
@@ -118,9 +166,22 @@ class MetricsConfig:
 
 
 @attrs.frozen
+class TracingConfig:
+    """observability.md: OpenTelemetry traces over OTLP/HTTP (the ``otel`` extra)."""
+
+    enabled: bool = False
+    #: the collector's base URL; ``None``: the ``OTEL_EXPORTER_OTLP_*`` variables, else ``http://127.0.0.1:4318``
+    endpoint: Optional[str] = None
+    service_name: str = "jwtlet"
+    #: parent-based: an incoming sampled ``traceparent`` is always honoured
+    sample_ratio: float = 1.0
+
+
+@attrs.frozen
 class LoggingConfig:
     format: str = "json"
-    level: str = "info"
+    #: ``None``: not set, so ``JWTLET_LOG_LEVEL``, then ``RUST_LOG``, then ``info`` decide (migration.md)
+    level: Optional[str] = None
 
 
 @attrs.frozen
@@ -139,19 +200,22 @@ class Config:
     k8s: K8sConfig = K8sConfig()
     rate_limits: RateLimits = RateLimits()
     limits: LimitsConfig = LimitsConfig()
+    #: processes serving the ports (``"auto"`` is resolved to the CPU count when read)
+    workers: int = 1
     management: ManagementConfig = ManagementConfig()
     service_accounts: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
     api_keys: Optional[ApiKeysConfig] = None
     ext_authz: Optional[ExtAuthzConfig] = None
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    tracing: TracingConfig = TracingConfig()
     #: top-level tables owned by plugins (vault-transit's ``vault``), as written: their owner checks them
     tables: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     dev: bool = False
     data_dir: Path = Path(DEFAULT_DATA_DIR)
 
     @property
-    def management_client_audience(self) -> str:
+    def management_client_audience(self) -> tuple[str, ...]:
         return self.management.client_audience or self.token.client_audience
 
     def token_exchange_description(self) -> str:

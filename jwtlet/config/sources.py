@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import yaml
 
@@ -19,7 +19,7 @@ ENV_PREFIX = "JWTLET__"
 CONFIG_FILE_ENV = "JWTLET_CONFIG_FILE"
 
 
-def read_file(path: Path) -> Mapping[str, Any]:
+def read_file(path: Path) -> Mapping[str, object]:
     """Parse a YAML or TOML config file by its extension."""
     try:
         text = path.read_bytes()
@@ -28,7 +28,7 @@ def read_file(path: Path) -> Mapping[str, Any]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
-            data: Any = tomllib.loads(text.decode("utf-8"))
+            data: object = tomllib.loads(text.decode("utf-8"))
         elif suffix in (".yaml", ".yml", ".json"):
             data = yaml.safe_load(text)
         else:
@@ -42,12 +42,12 @@ def read_file(path: Path) -> Mapping[str, Any]:
     return data
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     """
     ``JWTLET__A__B=value`` as ``{"a": {"b": value}}``, values parsed as YAML
     scalars (so ``9090`` is an int and ``true`` a bool).
     """
-    tree: dict[str, Any] = {}
+    tree: dict[str, object] = {}
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX):
             continue
@@ -62,18 +62,20 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         for part in parts[:-1]:
             child = node.get(part)
             if not isinstance(child, dict):
-                child = node[part] = {}
+                child = {}
+                node[part] = child
             node = child
         node[parts[-1]] = value
     return tree
 
 
-def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, object], top: Mapping[str, object]) -> dict[str, object]:
     """Deep-merge ``top`` over ``base`` (tables merge, anything else replaces)."""
     merged = dict(base)
     for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge(merged[key], value)
+        below = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(below, Mapping):
+            merged[key] = merge(below, value)
         else:
             merged[key] = value
     return merged
@@ -82,13 +84,13 @@ def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 def load_raw(
     path: Optional[str],
     environ: Mapping[str, str],
-    base: Optional[Mapping[str, Any]] = None,
-) -> dict[str, Any]:
+    base: Optional[Mapping[str, object]] = None,
+) -> dict[str, object]:
     """
     The raw mapping: ``base``, then the file (``path``, else
     ``$JWTLET_CONFIG_FILE``), then the environment, each over the one before.
     """
-    raw: dict[str, Any] = dict(base or {})
+    raw: dict[str, object] = dict(base or {})
     path = path or environ.get(CONFIG_FILE_ENV) or None
     if path:
         raw = merge(raw, read_file(Path(path)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import attrs
 from jwcrypto.common import json_encode
@@ -49,7 +49,7 @@ EXAMPLE_MAPPING = ResourceMapping(
 )
 
 
-def defaults(data_dir: Path) -> dict[str, Any]:
+def defaults(data_dir: Path) -> dict[str, object]:
     """The complete embedded configuration of ``--dev``, files in ``data_dir``."""
     return {
         "issuer": "http://127.0.0.1:8080",

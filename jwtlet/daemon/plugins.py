@@ -7,7 +7,7 @@ found at once (store first: signer and validator may use it).
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import attrs
 from twisted.application.service import IService
@@ -16,10 +16,6 @@ from jwtlet.config import Config, ConfigError, KnownPlugins, PluginSection
 from jwtlet.discovery import Discovered, build
 from jwtlet.interfaces import PluginConfigError, PluginContext
 from jwtlet.providers import Adapted, Signer, Store, Validator
-
-#: Plugins that own a top-level table but do not declare it yet (config.md:
-#: vault-transit reads ``vault``).  Goes once the plugin has ``table = "vault"``.
-_UNDECLARED_TABLES: Mapping[str, str] = {"vault-transit": "vault"}
 
 
 def known_plugins(discovered: Discovered) -> KnownPlugins:
@@ -30,7 +26,7 @@ def known_plugins(discovered: Discovered) -> KnownPlugins:
     """
     tables = {}
     for found in discovered.plugins:
-        table = getattr(found.factory, "table", None) or _UNDECLARED_TABLES.get(found.name)
+        table = getattr(found.factory, "table", None)
         if isinstance(table, str):
             tables[table] = (found.kind, found.name)
     return attrs.evolve(discovered.known(), tables=tables)

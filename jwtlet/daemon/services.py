@@ -6,8 +6,6 @@ requests, and the shared HTTP client's pool.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
@@ -72,6 +70,6 @@ class HTTPClientService(Service):
 
     client: HTTPClient
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         return close_http_client(self.client)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Mapping, NoReturn, Optional
 
 from twisted.application.service import IService, IServiceCollection, MultiService
 from twisted.python import usage
@@ -27,19 +27,28 @@ def fail(problems: list[str]) -> NoReturn:
     raise SystemExit(1)
 
 
+def log_level(configured: Optional[str], environ: Mapping[str, str]) -> str:
+    """
+    ``JWTLET_LOG_LEVEL``, else ``logging.level``, else ``RUST_LOG`` (so a
+    Rust jwtlet's manifest keeps its verbosity), else ``info``.
+    """
+    return environ.get("JWTLET_LOG_LEVEL") or configured or logs.rust_log_level(environ.get("RUST_LOG")) or "info"
+
+
 class Options(usage.Options):
     synopsis = "[--config PATH] [--dev] [--data-dir DIR]"
     longdesc = "OAuth 2.0 token exchange daemon: a token exchange site and a management site."
     optParameters = [
         ["config", "c", None, "YAML or TOML config file (default: $JWTLET_CONFIG_FILE)"],
         ["data-dir", "d", None, "directory for --dev data (default: ./jwtlet-data)"],
+        ["worker-of", None, None, "internal: serve as a worker of the supervising process with this PID"],
     ]
     optFlags = [["dev", None, "run on the embedded development defaults (loopback only)"]]
 
     def postOptions(self) -> None:
         from jwtlet.daemon.wiring import check
 
-        parent: Any = getattr(self, "parent", None)
+        parent: Optional[usage.Options] = getattr(self, "parent", None)
         try:
             self.config, self.discovered = check(
                 self["config"], os.environ, dev=bool(self["dev"]), data_dir=self["data-dir"]
@@ -47,7 +56,7 @@ class Options(usage.Options):
         except ConfigError as error:
             fail(error.problems)
         logfile = parent.get("logfile") if parent is not None else None
-        level = os.environ.get("JWTLET_LOG_LEVEL") or self.config.logging.level
+        level = log_level(self.config.logging.level, os.environ)
         self.log_settings = logs.LogSettings(format=self.config.logging.format, level=level, logfile=logfile)
 
 
@@ -73,8 +82,9 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from jwtlet.daemon.wiring import make_service
+    from jwtlet.daemon.workers import daemon_service
 
     try:
-        return WithLogObserver(make_service(options.config, options.discovered, reactor), options.log_settings)
+        return WithLogObserver(daemon_service(options, reactor, make_service), options.log_settings)
     except ConfigError as error:
         fail(error.problems)

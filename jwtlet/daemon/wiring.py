@@ -21,13 +21,16 @@ import attrs
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 
+from jwtlet import tracing
 from jwtlet.config import (
     DEFAULT_DATA_DIR,
     Config,
     ConfigError,
+    ExtAuthzConfig,
     is_loopback_host,
     load_raw,
     read,
@@ -35,15 +38,23 @@ from jwtlet.config import (
 from jwtlet.daemon.dev import DevSeed, defaults, ensure, instructions
 from jwtlet.daemon.plugins import Providers, as_service, attempt_providers, build_providers, is_found, known_plugins
 from jwtlet.daemon.services import DrainService, HTTPClientService, SequentialMultiService
+from jwtlet.daemon.workers import Listen
+from jwtlet.daemon.workers import problems as worker_problems
 from jwtlet.discovery import Discovered, discover
+from jwtlet.exchange.apikeys import UnboundIntegrations
 from jwtlet.exchange.pipeline import Exchange, build_exchange
+from jwtlet.extauthz import trust
 from jwtlet.extauthz.build import build_ext_authz, build_ext_authz_validator
-from jwtlet.interfaces import PluginConfigError, PluginContext
+from jwtlet.interfaces import ITrustedIssuers, PluginConfigError, PluginContext
 from jwtlet.logs import emit
 from jwtlet.metrics import Metrics
 from jwtlet.outbound import build_http_client
 from jwtlet.policy import reserved_claims
+from jwtlet.providers import Validator
+from jwtlet.tracing.service import TracingService
+from jwtlet.tracing.web import traced
 from jwtlet.web.health import Readiness
+from jwtlet.web.introspect import Introspection
 from jwtlet.web.management_api import MAX_BODY, ManagementAPI
 from jwtlet.web.server import BodyLimits, DrainingSite
 from jwtlet.web.token_api import BODY_LIMITS, TokenExchangeAPI
@@ -121,7 +132,7 @@ def check(
 _LOOPBACK_INTERFACE = re.compile(r"interface=(127\.[0-9.]+|localhost|\\:\\:1|::1)(:|$)")
 
 
-def check_endpoints(config: Config, reactor: Any) -> list[str]:
+def check_endpoints(config: Config, reactor: IReactorTime) -> list[str]:
     """The listening endpoints: parseable, and loopback only in ``--dev``."""
     problems = []
     for key, description, written in (
@@ -161,7 +172,7 @@ def find_problems(config: Config, discovered: Discovered) -> list[str]:
     is dropped with them.
     """
     reactor = MemoryReactorClock()
-    problems = check_endpoints(config, reactor)
+    problems = check_endpoints(config, reactor) + worker_problems(config)
     context = PluginContext(
         reactor=reactor,
         clock=reactor,
@@ -173,11 +184,29 @@ def find_problems(config: Config, discovered: Discovered) -> list[str]:
     )
     attempt = attempt_providers(config, discovered, context)
     problems.extend(attempt.problems)
+    problems.extend(tracing.check(config.tracing))
     if config.ext_authz is not None and is_found(discovered, "validator", config.ext_authz.validator):
         try:
-            build_ext_authz_validator(config.ext_authz, discovered, attrs.evolve(context, store=attempt.store))
+            front = build_ext_authz_validator(config.ext_authz, discovered, attrs.evolve(context, store=attempt.store))
         except PluginConfigError as error:
             problems.extend(error.messages)
+        else:
+            problems.extend(trust_problems(config.ext_authz, attempt.validator, front))
+    return problems
+
+
+def trust_problems(settings: ExtAuthzConfig, top: Optional[Validator], front: Validator) -> list[str]:
+    """
+    security.md's rules on the ext_authz validator, over what the built
+    validators say they trust (a validator that does not say is not held to
+    them).  The top-level validator matters only with ``exchange: jwt``,
+    where the front's identities meet the top-level mappings.
+    """
+    front_trust = ITrustedIssuers(front.provider, None)
+    problems = trust.front_problems(settings, front_trust)
+    top_trust = ITrustedIssuers(top.provider, None) if top is not None else None
+    if settings.exchange == "jwt" and top_trust is not None and front_trust is not None:
+        problems.extend(trust.prefixes_across_validators(top_trust.trusted_issuers(), front_trust.trusted_issuers()))
     return problems
 
 
@@ -196,7 +225,7 @@ class APIs:
 def build_apis(
     config: Config,
     providers: Providers,
-    clock: Any,
+    clock: IReactorTime,
     metrics: Metrics,
     random_bytes: Callable[[int], bytes] = os.urandom,
 ) -> APIs:
@@ -211,14 +240,23 @@ def build_apis(
         issuer_url=config.issuer,
         require_subject_token_type=config.token.require_subject_token_type,
         readiness=readiness,
+        introspection=Introspection(
+            validator=providers.validator,
+            subject_audiences=config.token.client_audience,
+            caller_audiences=config.management_client_audience,
+            roles=config.service_accounts,
+            limiter=exchange.limiter,
+            clock=clock,
+        ),
     )
     management_api = ManagementAPI(
         store=providers.store,
         validator=providers.validator,
-        audience=config.management_client_audience,
+        audiences=config.management_client_audience,
         roles=config.service_accounts,
         reserved_claims=reserved_claims(config.token.participant_context_claim),
         api_key_prefix=config.api_keys.prefix if config.api_keys else "jwtk",
+        api_key_profiles=tuple(config.api_keys.profiles) if config.api_keys else (),
         metrics=metrics,
         metrics_enabled=config.metrics.enabled,
         readiness=readiness,
@@ -228,8 +266,17 @@ def build_apis(
     return APIs(exchange=exchange, token_api=token_api, management_api=management_api)
 
 
-def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiService:
-    """The whole daemon as one service; raises :class:`ConfigError`."""
+# ``reactor``: the daemon's reactor is timers, threads, sockets and more at
+# once; zope interfaces cannot be intersected for mypy, and workers.py's
+# ``WorkerReactor`` says only the socket part.  Any until one type says all.
+def make_service(  # type: ignore[explicit-any]
+    config: Config, discovered: Discovered, reactor: Any, listen: Optional[Listen] = None
+) -> MultiService:
+    """
+    The whole daemon as one service; raises :class:`ConfigError`.  ``listen``
+    makes the service that serves a site on an endpoint description (a
+    worker's listens on the sockets its supervisor bound, ``workers.py``).
+    """
     problems = find_problems(config, discovered)
     if problems:
         raise ConfigError(problems)
@@ -237,6 +284,7 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
         ensure(config.data_dir)  # the dev issuer's key and the JWKS file its validator trusts
     http_client = build_http_client(reactor, ca_file=config.k8s.ca_file)
     metrics = Metrics()
+    tracer = tracing.build(config.tracing, metrics)
     context = PluginContext(
         reactor=reactor,
         clock=reactor,
@@ -260,19 +308,23 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
         token_api.ext_authz = ext_authz.http_resource
     connections = config.limits.max_connections
     sites = [
-        DrainingSite(token_api.app.resource(), body_limits=BODY_LIMITS, max_connections=connections,
-                     reactor=reactor),
-        DrainingSite(management_api.app.resource(), body_limits=BodyLimits(MAX_BODY),
+        DrainingSite(traced(token_api.app.resource(), tracer), body_limits=BODY_LIMITS,
+                     max_connections=connections, reactor=reactor),
+        DrainingSite(traced(management_api.app.resource(), tracer), body_limits=BodyLimits(MAX_BODY),
                      max_connections=connections, reactor=reactor),
     ]
 
     daemon = SequentialMultiService()
+    # First in, last out: spans of the last requests are flushed after the sites drained.
+    TracingService(tracer, reactor).setServiceParent(daemon)
     HTTPClientService(http_client).setServiceParent(daemon)
     for provider in providers.services():
         if provider.parent is None:
             provider.setServiceParent(daemon)
     if config.dev:
         DevSeed(providers.store, config.data_dir).setServiceParent(daemon)
+    if config.api_keys is not None:
+        UnboundIntegrations(providers.store, config.api_keys.profiles).setServiceParent(daemon)
     if ext_authz is not None:
         validator_service = as_service(ext_authz.decider.validator)
         if validator_service is not None:
@@ -283,7 +335,10 @@ def make_service(config: Config, discovered: Discovered, reactor: Any) -> MultiS
     for description, site in zip(
         (config.token_exchange_description(), config.management_description()), sites, strict=True
     ):
-        strports.service(description, site, reactor=reactor).setServiceParent(daemon)
+        if listen is None:
+            strports.service(description, site, reactor=reactor).setServiceParent(daemon)
+        else:
+            listen(description, site).setServiceParent(daemon)
     if config.dev:
         text = instructions(config)
         sys.stderr.write(text)

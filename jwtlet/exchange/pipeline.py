@@ -22,9 +22,10 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
-from jwtlet import policy
+from jwtlet import policy, tracing
+from jwtlet.audiences import validate_for_any
 from jwtlet.config import ApiKeyProfile, Config
-from jwtlet.exchange.apikeys import ApiKeyValidator, ApiKeyVerifier
+from jwtlet.exchange.apikeys import ApiKeyValidator, ApiKeyVerifier, bound_to
 from jwtlet.interfaces import DependencyUnavailable, NotFound, TokenRejected
 from jwtlet.logs import emit
 from jwtlet.metrics import Metrics
@@ -70,11 +71,14 @@ class Signing:
     signer: Signer
     clock: IReactorTime
     metrics: Metrics
+    #: the signer plugin's name, for traces
+    name: str = ""
 
     async def sign(self, claims: JSONObject) -> str:
         started = self.clock.seconds()
         try:
-            return await self.signer.sign({"typ": "JWT"}, claims)
+            with tracing.current().span("sign", {tracing.SIGNER_ATTRIBUTE: self.name}):
+                return await self.signer.sign({"typ": "JWT"}, claims)
         except DependencyUnavailable:
             raise  # the port says it (503) and logs it
         except Exception:
@@ -92,12 +96,16 @@ class Grant(Protocol):
         """Checks the credential."""
 
     @property
-    def audience(self) -> Optional[str]:
-        """The audience the credential must have been issued for, if any."""
+    def audiences(self) -> tuple[str, ...]:
+        """The credential must have been issued for one of these (none: for any)."""
 
     @property
     def takes_actor(self) -> bool:
         """Whether an ``actor_token`` takes part (RFC 8693 delegation)."""
+
+    @property
+    def validator_name(self) -> str:
+        """The validator plugin's name, for traces."""
 
     def check_target(self, request: ExchangeRequest) -> None:
         """Refuse, before any I/O, a target that cannot exist."""
@@ -116,23 +124,26 @@ class MappingGrant:
     validator: Validator
     store: Store
     parameters: IssueParameters
-    client_audience: str
+    client_audience: tuple[str, ...]
     default_audience: str
     reject_replays: bool
     clock: IReactorTime
     metrics: Metrics
     takes_actor: bool = True
+    validator_name: str = ""
 
     @property
-    def audience(self) -> Optional[str]:
+    def audiences(self) -> tuple[str, ...]:
         return self.client_audience
 
     def check_target(self, request: ExchangeRequest) -> None:
         """Any participant context may be asked for; the mapping decides."""
 
     async def terms(self, subject: Identity, actor: Optional[Identity], request: ExchangeRequest) -> Terms:
+        tracing.current().annotate(tracing.PARTICIPANT_CONTEXT_ATTRIBUTE, request.resource)
         try:
-            resolution = await self.store.resolve(subject.username, request.resource, request.scopes)
+            with tracing.current().span("store.resolve"):
+                resolution = await self.store.resolve(subject.username, request.resource, request.scopes)
         except NotFound:
             raise policy.unauthorized_client("no mapping for this client and resource") from None
         except DependencyUnavailable:
@@ -141,7 +152,7 @@ class MappingGrant:
             log.failure("store failed to resolve a mapping")
             raise ServerError() from None
         terms = policy.mapping_terms(
-            self.parameters, resolution, request, self.default_audience, subject, actor)
+            self.parameters, resolution, request, self.default_audience, subject, actor, now=self.clock.seconds())
         await self.check_replay(subject)
         return terms
 
@@ -169,8 +180,9 @@ class ApiKeyGrant:
     validator: Validator
     profiles: Mapping[str, ApiKeyProfile]
     metrics: Metrics
-    audience: Optional[str] = None
+    audiences: tuple[str, ...] = ()
     takes_actor: bool = False
+    validator_name: str = "api-key"
 
     def check_target(self, request: ExchangeRequest) -> None:
         # Before the key is looked at: an unknown profile is the answer
@@ -179,8 +191,12 @@ class ApiKeyGrant:
             raise policy.invalid_target("unknown API-key profile")
 
     async def terms(self, subject: Identity, actor: Optional[Identity], request: ExchangeRequest) -> Terms:
+        # A key of an integration bound to other profiles is refused as any bad key is:
+        # M-Lab kept each profile's keys in a namespace of its own.
+        if not bound_to(subject, request.resource):
+            raise policy.invalid_grant()
         profile = self.profiles[request.resource]
-        return policy.api_key_terms(profile.audience, profile.ttl_secs, subject)
+        return policy.api_key_terms(profile.audience, profile.ttl_secs, subject, profile.issuer, profile.claims)
 
     def count(self, request: ExchangeRequest, outcome: str, error: str) -> None:
         self.metrics.apikey_exchanges.labels(request.resource, outcome).inc()
@@ -216,6 +232,7 @@ class Exchange:
         try:
             subject = await self.validate(grant, request.subject_token)
             client = subject.username
+            tracing.current().annotate(tracing.CLIENT_ATTRIBUTE, client)
             actor = None
             if request.actor_token is not None and grant.takes_actor:
                 actor = await self.validate(grant, request.actor_token)
@@ -241,7 +258,8 @@ class Exchange:
         """Step 1, for subject and actor credentials alike."""
         started = self.clock.seconds()
         try:
-            return await grant.validator.validate(token, grant.audience)
+            with tracing.current().span("validate", {tracing.VALIDATOR_ATTRIBUTE: grant.validator_name}):
+                return (await validate_for_any(grant.validator, token, grant.audiences)).identity
         except TokenRejected as error:
             log.info("token rejected: {reason}", reason=str(error))
             raise policy.invalid_grant() from None
@@ -264,6 +282,7 @@ class Exchange:
             self.refused(grant, client, request, error)
             raise
         grant.count(request, "issued", "")
+        tracing.current().annotate(tracing.OUTCOME_ATTRIBUTE, "issued")
         emit(
             log, "token.issued", LogLevel.info,
             client=client, resource=request.resource, scopes=list(terms.scopes),
@@ -283,10 +302,13 @@ class Exchange:
     def refused(self, grant: Grant, client: Optional[str], request: ExchangeRequest, error: Failure) -> None:
         code = failure_code(error)
         grant.count(request, "refused", code)
+        tracing.current().annotate(tracing.OUTCOME_ATTRIBUTE, code)
+        # A refusal by a mapping's rule says which rule, in this one event.
+        detail = error.log_fields if isinstance(error, Refusal) else {}
         emit(
             log, "token.refused", LogLevel.info,
             client=client, resource=request.resource, scopes=list(request.scopes),
-            audience=list(request.audiences), error=code,
+            audience=list(request.audiences), error=code, **detail,
         )
 
 
@@ -320,8 +342,9 @@ def build_exchange(
             reject_replays=config.token.reject_replayed_subject_tokens,
             clock=clock,
             metrics=metrics,
+            validator_name=config.validator.type,
         ),
-        signing=Signing(signer, clock, metrics),
+        signing=Signing(signer, clock, metrics, name=config.signer.type),
         issuer=config.issuer,
         participant_context_claim=config.token.participant_context_claim,
         clock=clock,

@@ -9,18 +9,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional, cast
 
 import attrs
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess
 from twisted.web.resource import IResource
 
-from jwtlet.config import Config, ExtAuthzConfig
+from jwtlet.config import Config, ExtAuthzConfig, TargetCluster
 from jwtlet.discovery import Discovered, build
 from jwtlet.exchange.pipeline import Exchange
 from jwtlet.extauthz.decide import Exchanger, ExtAuthz, JwtExchange, TokenRequestExchange
 from jwtlet.extauthz.http_front import ExtAuthzHTTP
-from jwtlet.interfaces import PluginContext
+from jwtlet.extauthz.trust import source_issuers
+from jwtlet.interfaces import ITrustedIssuers, PluginConfigError, PluginContext
+from jwtlet.kubernetes import kubeconfig
 from jwtlet.kubernetes.tokenrequest import TokenRequestClient
 from jwtlet.metrics import Metrics
-from jwtlet.outbound import TokenFile, build_http_client
 from jwtlet.providers import Validator
 
 if TYPE_CHECKING:  # grpcio is imported only when the gRPC front is on (see build_ext_authz)
@@ -42,6 +43,19 @@ def build_ext_authz_validator(settings: ExtAuthzConfig, discovered: Discovered, 
     return build(discovered, "validator", section, context)
 
 
+def target_cluster(target: TargetCluster, context: PluginContext) -> kubeconfig.Cluster:
+    """
+    The target cluster's server and jwtlet's credential there: the table's
+    keys, then its kubeconfig, then in-cluster (never the ``k8s`` table: that
+    is the cluster whose tokens are checked).
+    """
+    try:
+        return kubeconfig.resolve((target.access, kubeconfig.IN_CLUSTER),
+                                  cast(IReactorProcess, context.reactor), context.clock)
+    except kubeconfig.KubeconfigError as error:
+        raise PluginConfigError(f"ext_authz.target_cluster.kubeconfig: {error}") from None
+
+
 def build_ext_authz(
     config: Config, discovered: Discovered, context: PluginContext, exchange: Exchange, metrics: Metrics
 ) -> ExtAuthzParts:
@@ -52,21 +66,24 @@ def build_ext_authz(
     if settings.exchange == "kubernetes-tokenrequest":
         target = settings.target_cluster
         assert target is not None
+        cluster = target_cluster(target, context)
+        assert cluster.url is not None  # the schema requires api_server_url unless a kubeconfig names the server
         exchanger = TokenRequestExchange(
             TokenRequestClient(
-                api_server_url=target.api_server_url,
-                own_token=TokenFile(target.token_file),
-                http_client=build_http_client(context.reactor, ca_file=target.ca_file),
+                api_server_url=cluster.url,
+                own_token=cluster.credential,
+                http_client=kubeconfig.http_client(context.reactor, cluster.tls),
                 clock=context.clock,
                 audiences=target.audiences,
                 expiration_secs=target.expiration_secs,
             ),
             metrics,
-            frozenset(settings.source_issuers) if settings.source_issuers is not None else None,
+            source_issuers(settings, ITrustedIssuers(validator.provider, None)),
         )
     else:
         exchanger = JwtExchange(exchange)
-    decider = ExtAuthz(validator, settings.audience, exchanger, settings.resource_header, metrics)
+    decider = ExtAuthz(validator, settings.audience, exchanger, settings.resource_header, metrics,
+                       validator_name=settings.validator.type)
     http_resource = ExtAuthzHTTP(decider).app.resource() if settings.http else None
     grpc_service = None
     if settings.grpc_endpoint:

@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Protocol
 import attrs
 from twisted.logger import Logger, LogLevel
 
+from jwtlet import tracing
 from jwtlet.exchange.pipeline import Exchange
 from jwtlet.interfaces import DependencyUnavailable, TokenRejected
 from jwtlet.kubernetes.tokenrequest import Denied, TokenRequestClient
@@ -75,8 +76,9 @@ class TokenRequestExchange:
         if not from_source_cluster(identity, self.source_issuers):
             return Decision.deny(403, "not from a source issuer")
         try:
-            issued, cached = await self.client.token_for(
-                identity.issuer, identity.namespace, identity.name, identity.uid)
+            with tracing.current().span("tokenrequest"):
+                issued, cached = await self.client.token_for(
+                    identity.issuer, identity.namespace, identity.name, identity.uid, identity.expires_at)
         except Denied:
             return Decision.deny(403, "no such service account in the target cluster")
         if cached:
@@ -125,6 +127,8 @@ class ExtAuthz:
     exchanger: Exchanger
     resource_header: str
     metrics: Metrics
+    #: the validator plugin's name, for traces
+    validator_name: str = ""
 
     async def check(self, headers: Mapping[str, str], mode: str,
                     context_extensions: Optional[Mapping[str, str]] = None) -> Decision:
@@ -149,9 +153,11 @@ class ExtAuthz:
         if token is None:
             return Decision.deny(401, "missing or malformed bearer token")
         try:
-            identity = await self.validator.validate(token, self.audience)
+            with tracing.current().span("validate", {tracing.VALIDATOR_ATTRIBUTE: self.validator_name}):
+                identity = await self.validator.validate(token, self.audience)
         except TokenRejected as error:
             log.info("ext_authz token rejected: {reason}", reason=str(error))
             return Decision.deny(401, "token rejected")
+        tracing.current().annotate(tracing.CLIENT_ATTRIBUTE, identity.username)
         resource = extensions.get("resource") or headers.get(self.resource_header)
         return await self.exchanger.exchange(identity, resource)

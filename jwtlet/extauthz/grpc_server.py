@@ -17,9 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import grpc
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from twisted.application.service import Service
@@ -27,7 +24,12 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
+from jwtlet import tracing
 from jwtlet.extauthz.decide import Decision, ExtAuthz, failed
+from jwtlet.extauthz.envoy_api import envoy_config_core_v3_base_pb2 as base_pb2
+from jwtlet.extauthz.envoy_api import envoy_service_auth_v3_external_auth_pb2 as external_auth_pb2
+from jwtlet.extauthz.envoy_api import envoy_service_auth_v3_external_auth_pb2_grpc as external_auth_pb2_grpc
+from jwtlet.extauthz.envoy_api import envoy_type_v3_http_status_pb2 as http_status_pb2
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError
 
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
@@ -78,12 +80,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         http = request.attributes.request.http
         headers = {name.lower(): value for name, value in http.headers.items()}
         extensions = dict(request.attributes.context_extensions)
+        # Envoy's gRPC metadata carries the mesh's traceparent: the check joins its trace.
+        span = tracing.current().server_span(CHECK_SPAN, CHECK_ATTRIBUTES, metadata_of(context))
+
         def decide() -> Deferred[Decision]:
-            return ensureDeferred(self.decider.check(headers, "grpc", extensions))
+            # On the reactor thread: the check's coroutine starts inside the span.
+            with span.activate():
+                return ensureDeferred(self.decider.check(headers, "grpc", extensions))
 
         try:
             decision: Decision = blockingCallFromThread(self.reactor, decide)  # type: ignore[arg-type]
-        except DependencyUnavailable:
+        except DependencyUnavailable as error:
+            span.failed(error)
+            span.end()
             # An RPC error, not a CheckResponse: Envoy applies its failure policy.
             context.abort(grpc.StatusCode.UNAVAILABLE, "a dependency is unavailable")
         except Exception as error:
@@ -91,7 +100,25 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             # reactor failing (the daemon stopping).  grpcio would answer
             # UNKNOWN with the exception's text: a deny instead.
             decision = failed(error, "grpc")
+        span.end()
         return check_response(decision)
+
+
+CHECK_SPAN = f"{AUTHORIZATION_SERVICE}/Check"
+CHECK_ATTRIBUTES: tracing.Attributes = {
+    "rpc.system": "grpc", "rpc.service": AUTHORIZATION_SERVICE, "rpc.method": "Check"}
+
+
+def metadata_of(context: grpc.ServicerContext) -> tracing.HeaderLookup:
+    """A call's gRPC metadata as a header lookup, read only if a tracer asks."""
+
+    def header(name: str) -> Optional[str]:
+        for key, value in context.invocation_metadata() or ():
+            if key == name and isinstance(value, str):
+                return value
+        return None
+
+    return header
 
 
 class GrpcService(Service):

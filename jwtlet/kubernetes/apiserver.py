@@ -1,14 +1,17 @@
 """
 Calling a Kubernetes API server the way both of jwtlet's callers do
 (TokenReview in the ``kubernetes-tokenreview`` validator, TokenRequest in a
-target cluster): a JSON POST carrying jwtlet's own service-account token,
-and one retry with the token read again when the API server answers 401,
-because the kubelet may have rotated the file under us.
+target cluster): a JSON POST carrying jwtlet's own credential (its
+service-account token, or what a kubeconfig gives), and one retry with the
+credential fetched again when the API server answers 401, because the
+kubelet may have rotated the file under us or an exec plugin's token may
+have been revoked.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import attrs
 from treq.client import HTTPClient
@@ -17,8 +20,9 @@ from twisted.internet.interfaces import IReactorTime
 
 from jwtlet import strictjson
 from jwtlet.interfaces import DependencyUnavailable
+from jwtlet.kubernetes.credentials import Credential, as_credential
 from jwtlet.model import JSONObject, JSONValue
-from jwtlet.outbound import RequestHeaders, TokenFile, on_clock
+from jwtlet.outbound import RequestHeaders, on_clock
 
 
 @attrs.frozen
@@ -31,16 +35,21 @@ class APIServer:
     """
 
     url: str
-    own_token: TokenFile
+    #: a token file, or any :class:`~jwtlet.kubernetes.credentials.Credential`
+    own_token: Credential = attrs.field(converter=as_credential)
     http_client: HTTPClient
     clock: IReactorTime
     timeout: float
     credential: str = "own service account token"
 
-    def token(self, refresh: bool = False) -> str:
-        """The token to present (read again when ``refresh``); unreadable is :class:`DependencyUnavailable`."""
+    async def token(self, refresh: bool = False) -> Optional[str]:
+        """
+        The bearer token to present (fetched again when ``refresh``;
+        ``None``: a client certificate authenticates); none to be had is
+        :class:`DependencyUnavailable`.
+        """
         try:
-            return self.own_token.refused() if refresh else self.own_token.read()
+            return await self.own_token.bearer(refresh)
         except (OSError, ValueError) as error:
             raise DependencyUnavailable(f"{self.credential}: {error}") from None
 
@@ -50,14 +59,15 @@ class APIServer:
         when it is not JSON).  Connection failures and timeouts are
         :class:`DependencyUnavailable`, named after ``peer``.
         """
-        code, answer = await self._post(path, body, peer, self.token())
+        code, answer = await self._post(path, body, peer, await self.token())
         if code == 401:
-            code, answer = await self._post(path, body, peer, self.token(refresh=True))
+            code, answer = await self._post(path, body, peer, await self.token(refresh=True))
         return code, answer
 
-    async def _post(self, path: str, body: JSONObject, peer: str, bearer: str) -> tuple[int, JSONValue]:
-        headers: RequestHeaders = {"Authorization": [f"Bearer {bearer}"], "Content-Type": ["application/json"],
-                   "Accept": ["application/json"]}
+    async def _post(self, path: str, body: JSONObject, peer: str, bearer: Optional[str]) -> tuple[int, JSONValue]:
+        headers: RequestHeaders = {"Content-Type": ["application/json"], "Accept": ["application/json"]}
+        if bearer is not None:
+            headers["Authorization"] = [f"Bearer {bearer}"]
         try:
             response = await self.http_client.post(
                 self.url + path, data=json.dumps(body).encode(), headers=headers, timeout=self.timeout,

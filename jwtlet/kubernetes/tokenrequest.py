@@ -1,7 +1,8 @@
 """
 TokenRequest in a target cluster: a token for the same namespace and
 service-account name there, cached per workload service account (its
-issuer and UID) until shortly before it expires.
+issuer and UID) until shortly before it expires, and never past the expiry
+of the workload token it was asked for with (migration.md, Tokensmith).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from jwtlet.cache import ExpiringCache
 from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.kubernetes.apiserver import APIServer
+from jwtlet.kubernetes.credentials import Credential
 from jwtlet.model import JSONValue
 from jwtlet.outbound import TokenFile
 
@@ -41,7 +43,8 @@ def parse_timestamp(text: str) -> float:
 @attrs.define
 class TokenRequestClient:
     api_server_url: str
-    own_token: TokenFile
+    #: a token file or any :class:`~jwtlet.kubernetes.credentials.Credential` (a kubeconfig's)
+    own_token: TokenFile | Credential
     http_client: HTTPClient
     clock: IReactorTime
     audiences: tuple[str, ...]
@@ -59,20 +62,31 @@ class TokenRequestClient:
         """When a cached token is replaced: a tenth of the lifetime (at least a minute) before it expires."""
         return issued.expires_at - max(60.0, self.expiration_secs / 10)
 
+    def keep_until(self, issued: TargetToken, source_expires_at: Optional[float]) -> float:
+        """
+        How long a token stays cached: until it is due for replacement, and
+        never past the caller's own token, so a later caller whose token
+        has expired cannot be handed what an earlier one was.
+        """
+        due = self.refresh_at(issued)
+        return due if source_expires_at is None else min(due, source_expires_at)
+
     async def token_for(
-        self, issuer: str, namespace: str, name: str, uid: Optional[str]
+        self, issuer: str, namespace: str, name: str, uid: Optional[str],
+        source_expires_at: Optional[float] = None,
     ) -> tuple[TargetToken, bool]:
         """
         The target-cluster token and whether it came from the cache.  The
         issuer is part of the key: two clusters' accounts never share an
-        entry, even where their UIDs or names agree.
+        entry, even where their UIDs or names agree.  ``source_expires_at``:
+        when the workload token this is asked with stops being usable.
         """
         key = (issuer, uid or f"{namespace}/{name}")
         cached = self._cache.get(key)
         if cached is not None:
             return cached, True
         issued = await self._request(namespace, name)
-        self._cache.put(key, issued, self.refresh_at(issued))
+        self._cache.put(key, issued, self.keep_until(issued, source_expires_at))
         return issued, False
 
     async def _request(self, namespace: str, name: str) -> TargetToken:

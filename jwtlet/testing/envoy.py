@@ -62,7 +62,7 @@ def check_request(
     context_extensions: Optional[Mapping[str, str]] = None,
 ) -> Any:
     """A CheckRequest as Envoy builds it for gRPC mode."""
-    from envoy.service.auth.v3 import external_auth_pb2
+    from jwtlet.extauthz.envoy_api import envoy_service_auth_v3_external_auth_pb2 as external_auth_pb2
 
     request = external_auth_pb2.CheckRequest()
     http = request.attributes.request.http

@@ -7,8 +7,11 @@ service-account tokens with ``aud`` as an array and a Kubernetes-style
 ``kid`` (base64url SHA-256 of the PKIX DER public key), key rotation.
 
 Serve :meth:`FakeKubernetes.resource` in memory with
-:class:`jwtlet.testing.memory.MemoryNetwork` (unit tests) or over real HTTP
-with :func:`jwtlet.testing.loopback.serve` (end-to-end tests).
+:class:`jwtlet.testing.memory.MemoryNetwork` (unit tests), over real HTTP
+with :func:`jwtlet.testing.loopback.serve` (end-to-end tests), or over TLS
+that requires a client certificate with :func:`serve_tls` (kubeconfig
+client-certificate users: the API server takes the certificate's common
+name as the caller, as its x509 authenticator does).
 """
 
 from __future__ import annotations
@@ -23,12 +26,19 @@ from typing import Any, ClassVar, Optional
 
 import attrs
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from jwcrypto.common import JWException, json_encode
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
 from klein import Klein
+from twisted.internet import ssl
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.interfaces import ISSLTransport
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from twisted.web.server import Site
+
+from jwtlet.testing.loopback import LoopbackServer
 
 API_AUDIENCE = "https://kubernetes.default.svc"
 DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -49,6 +59,33 @@ def status_body(code: int, reason: str, message: str, details: Optional[dict[str
     if details is not None:
         body["details"] = details
     return body
+
+
+def peer_common_name(request: IRequest) -> Optional[str]:
+    """The common name of the client certificate the request came with over TLS, if any."""
+    transport = getattr(request, "transport", None)
+    # In memory (MemoryNetwork) there is no TLS and no certificate, whatever the transport claims.
+    certificate_of = getattr(transport, "getPeerCertificate", None) if ISSLTransport.providedBy(transport) else None
+    peer = certificate_of() if certificate_of is not None else None
+    if peer is None:
+        return None
+    names = peer.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+async def serve_tls(
+    reactor: Any, resource: IResource, certificate: ssl.PrivateCertificate, client_ca: ssl.Certificate
+) -> LoopbackServer:
+    """
+    Serve ``resource`` over TLS on a free loopback port with ``certificate``,
+    requiring a client certificate signed by ``client_ca``: a connection
+    without one fails in the handshake.
+    """
+    site = Site(resource)
+    site.displayTracebacks = False
+    options = certificate.options(client_ca)  # verify and require the peer's certificate
+    port = await SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(site)
+    return LoopbackServer(port=port, url=f"https://127.0.0.1:{port.getHost().port}")
 
 
 def _rfc3339(seconds: float) -> str:
@@ -83,6 +120,8 @@ class FakeKubernetes:
     clock: Any = None
     #: bearer tokens the API server accepts from callers (jwtlet's own SA token)
     caller_tokens: set[str] = attrs.field(factory=lambda: {"jwtlet-own-token"})
+    #: common names of client certificates accepted as callers (over :func:`serve_tls`)
+    caller_certificates: set[str] = attrs.field(factory=set)
     discovery_requires_auth: bool = True
     #: when set, every request is answered with this status and a Status body
     failure_status: Optional[int] = None
@@ -257,12 +296,17 @@ class FakeKubernetes:
             reason = {500: "InternalError", 503: "ServiceUnavailable", 429: "TooManyRequests"}.get(
                 self.failure_status, "InternalError")
             return self._reply(request, self.failure_status, status_body(self.failure_status, reason, reason))
-        if authenticate:
-            header = (request.getHeader(b"authorization") or b"").decode("latin-1")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or token not in self.caller_tokens:
-                return self._reply(request, 401, status_body(401, "Unauthorized", "Unauthorized"))
+        if authenticate and not self._authenticated(request):
+            return self._reply(request, 401, status_body(401, "Unauthorized", "Unauthorized"))
         return None
+
+    def _authenticated(self, request: IRequest) -> bool:
+        """A bearer token it knows, else a client certificate (the TLS layer checked its CA) it knows."""
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token in self.caller_tokens:
+            return True
+        return bool(self.caller_certificates) and peer_common_name(request) in self.caller_certificates
 
     @app.route("/.well-known/openid-configuration", methods=["GET"])
     def discovery(self, request: IRequest) -> bytes:

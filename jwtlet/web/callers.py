@@ -7,23 +7,31 @@ tokens cannot become a flood of validator (TokenReview) calls.
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import attrs
 from cachetools import TTLCache
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from jwtlet.audiences import validate_for_any
 from jwtlet.interfaces import TokenRejected
 from jwtlet.model import Identity
 from jwtlet.providers import Validator
+from jwtlet.web.requests import bearer_token
+
+log = Logger(namespace="jwtlet.web.callers")
 
 READ = "jwtlet:management:read"
 MAPPINGS_WRITE = "jwtlet:management:mappings:write"
 SCOPE_WRITE = "jwtlet:management:scope:write"
 APIKEYS_WRITE = "jwtlet:management:apikeys:write"
 ALL_WRITE = "management:write"
+#: ``POST /introspect`` on the token port; not implied by ``management:write``,
+#: which grants the management API only.
+INTROSPECT = "jwtlet:introspect"
 
 
 def may(roles: frozenset[str], needed: str) -> bool:
@@ -88,3 +96,21 @@ class RejectionCache:
                 answer.errback(result)
             else:
                 answer.callback(result)
+
+
+async def caller_identity(
+    callers: RejectionCache, authorization: Optional[bytes], audiences: Sequence[str]
+) -> Optional[Identity]:
+    """
+    Who sent a request, by the bearer token of its ``Authorization`` header
+    issued for one of ``audiences``; ``None`` when there is no such token or
+    the validator rejects it.
+    """
+    token = bearer_token(authorization)
+    if token is None:
+        return None
+    try:
+        return (await validate_for_any(callers, token, audiences)).identity
+    except TokenRejected as error:
+        log.info("caller rejected: {reason}", reason=str(error))
+        return None

@@ -49,6 +49,7 @@ PortMapping = Callable[[IRequest, PortError], APIError]
 
 #: The routes whose answers, errors included, carry ``Cache-Control: no-store``.
 TOKEN_PATH = b"/token"
+INTROSPECT_PATH = b"/introspect"
 API_KEY_PREFIX = b"/v0/token/"
 _UNAVAILABLE = "a dependency is unavailable, retry later"
 #: RFC 6749 codes answered with another status than 400.
@@ -95,6 +96,10 @@ def token_port_error(request: IRequest, error: PortError) -> APIError:
         return api_key_error(error)
     if path == TOKEN_PATH:
         return oauth_error(error)
+    if path == INTROSPECT_PATH:
+        # RFC 7662 §2.2: answers about tokens are not cached, refusals included.
+        answer = plain_error(request, error)
+        return attrs.evolve(answer, headers={**answer.headers, **NO_STORE})
     return plain_error(request, error)
 
 

@@ -23,17 +23,26 @@ from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
+from jwtlet import tracing
 from jwtlet.apikeys import keys as apikeys
-from jwtlet.interfaces import Conflict, DependencyUnavailable, NotFound, TokenRejected
+from jwtlet.interfaces import Conflict, DependencyUnavailable, NotFound
 from jwtlet.logs import emit
 from jwtlet.metrics import CONTENT_TYPE, Metrics
 from jwtlet.model import ApiKeyRecord, Identity, Integration, JSONValue
 from jwtlet.providers import Store, Validator
 from jwtlet.web import codecs
-from jwtlet.web.callers import APIKEYS_WRITE, MAPPINGS_WRITE, READ, SCOPE_WRITE, RejectionCache, may
+from jwtlet.web.callers import (
+    APIKEYS_WRITE,
+    MAPPINGS_WRITE,
+    READ,
+    SCOPE_WRITE,
+    RejectionCache,
+    caller_identity,
+    may,
+)
 from jwtlet.web.errors import APIError, add_error_handlers, plain_error
 from jwtlet.web.health import Readiness, add_health_routes
-from jwtlet.web.requests import ANY_METHOD, bearer_token, media_type, method_of, path_segments, read_body
+from jwtlet.web.requests import ANY_METHOD, media_type, method_of, path_segments, read_body
 from jwtlet.web.responses import json_response
 
 log = Logger(namespace="jwtlet.management")
@@ -45,7 +54,6 @@ MAX_BODY = 1024 * 1024
 PREFIX = "/api/v1"
 
 # Tiers are stored as 32-bit integers (PostgreSQL INTEGER).
-MAX_TIER = 2**31 - 1
 
 
 AUDIT_LEVELS = {"success": LogLevel.info, "refused": LogLevel.warn, "error": LogLevel.error}
@@ -79,7 +87,7 @@ class ManagementAPI:
 
     store: Store
     validator: Validator
-    audience: str
+    audiences: tuple[str, ...]
     roles: Mapping[str, tuple[str, ...]]
     reserved_claims: frozenset[str]
     api_key_prefix: str
@@ -88,6 +96,8 @@ class ManagementAPI:
     readiness: Readiness
     clock: IReactorTime
     random_bytes: Callable[[int], bytes] = os.urandom
+    #: the configured API-key profiles, which an integration is bound to some of
+    api_key_profiles: tuple[str, ...] = ()
     _callers: RejectionCache = attrs.field(init=False)
 
     @_callers.default
@@ -108,14 +118,10 @@ class ManagementAPI:
         return method_of(request, *allowed)
 
     async def authorise(self, request: IRequest, route: str, needed: str) -> Identity:
-        token = bearer_token(request.getHeader(b"authorization"))
-        if token is None:
+        identity = await caller_identity(self._callers, request.getHeader(b"authorization"), self.audiences)
+        if identity is None:
             raise unauthorized()
-        try:
-            identity: Identity = await self._callers.validate(token, self.audience)
-        except TokenRejected as error:
-            log.info("management caller rejected: {reason}", reason=str(error))
-            raise unauthorized() from None
+        tracing.current().annotate(tracing.CLIENT_ATTRIBUTE, identity.username)
         roles = frozenset(self.roles.get(identity.username, ()))
         if not may(roles, needed):
             emit(log, "authz.denied", LogLevel.warn, actor=identity.username, route=route,
@@ -192,7 +198,7 @@ class ManagementAPI:
             found = await self.store.list_mappings(client.decode("utf-8", "replace") if client else None)
             return json_response(request, [codecs.mapping_to_json(m) for m in found])
         caller = await self.authorise(request, route, MAPPINGS_WRITE)
-        mapping = self.parse(codecs.mapping_from_json, self.json_body(request))
+        mapping = self.parse(codecs.mapping_from_json, self.json_body(request), self.reserved_claims)
         subject = {"clientIdentifier": mapping.client_identifier,
                    "participantContext": mapping.participant_context}
 
@@ -235,7 +241,7 @@ class ManagementAPI:
                               lambda: self.store.delete_mapping(client, context))
             return self.no_content(request)
         body = self.json_body(request)
-        mapping = self.parse(codecs.mapping_from_json, body)
+        mapping = self.parse(codecs.mapping_from_json, body, self.reserved_claims)
         if mapping.key != (client, context):
             self.audit(caller, "mapping.updated", subject, "refused", "body names another mapping")
             raise bad_request("the body names another mapping than the path")
@@ -328,7 +334,11 @@ class ManagementAPI:
         if not isinstance(integration_id, str) or not apikeys.valid_id(integration_id):
             raise bad_request("integrationId must be 1 to 64 letters, digits, '-' or '_'")
         description = self.description(body)
-        integration = Integration(integration_id=integration_id, description=description)
+        try:
+            profiles = apikeys.bound_profiles(body.get("profiles"), self.api_key_profiles)
+        except ValueError as error:
+            raise bad_request(str(error)) from None
+        integration = Integration(integration_id=integration_id, description=description, profiles=profiles)
 
         async def add() -> None:
             try:
@@ -364,8 +374,8 @@ class ManagementAPI:
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object")
         tier = body.get("tier", 0)
-        if isinstance(tier, bool) or not isinstance(tier, int) or not 0 <= tier <= MAX_TIER:
-            raise bad_request(f"tier must be an integer from 0 to {MAX_TIER}")
+        if not apikeys.valid_tier(tier):
+            raise bad_request(f"tier must be an integer from 0 to {apikeys.MAX_TIER}")
         description = self.description(body)
         key_id = body.get("keyId")
         if key_id is not None and (not isinstance(key_id, str) or not apikeys.valid_id(key_id)):

@@ -12,6 +12,8 @@ from jwtlet.model import JSONValue
 JSON = "application/json"
 #: Token responses and token errors must never be cached (RFC 6749 §5.1).
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+# Built once: ``json.dumps`` with options builds an encoder per call.
+_JSON_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def json_response(
@@ -20,12 +22,15 @@ def json_response(
     status: int = 200,
     headers: Optional[Mapping[str, str]] = None,
 ) -> bytes:
-    """Set status, ``Content-Type`` and extra headers; return the encoded body."""
+    """Set status, ``Content-Type``, ``Content-Length`` and extra headers; return the encoded body."""
+    encoded = _JSON_BODY.encode(body).encode("utf-8")
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", JSON.encode())
+    # A known length spares Twisted's chunked framing of every response.
+    request.setHeader(b"Content-Length", b"%d" % len(encoded))
     for name, value in (headers or {}).items():
         request.setHeader(name.encode(), value.encode())
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return encoded
 
 
 def retry_after(seconds: int) -> dict[str, str]:

@@ -22,6 +22,7 @@ from jwtlet.model import JSONObject
 from jwtlet.providers import Signer
 from jwtlet.web.errors import APIError, add_error_handlers, token_port_error
 from jwtlet.web.health import Readiness, add_health_routes
+from jwtlet.web.introspect import Introspection
 from jwtlet.web.requests import media_type, read_body
 from jwtlet.web.responses import NO_STORE, json_response
 from jwtlet.web.server import BodyLimits
@@ -84,6 +85,7 @@ class TokenExchangeAPI:
     issuer_url: str
     require_subject_token_type: bool
     readiness: Readiness
+    introspection: Introspection
     ext_authz: Optional[IResource] = None
 
     @app.route("/token", methods=["POST"])
@@ -94,6 +96,14 @@ class TokenExchangeAPI:
         exchange_request = policy.parse_token_request(parse_form(body), self.require_subject_token_type)
         issued = await self.exchange.exchange(exchange_request)
         return json_response(request, token_response(issued), 200, NO_STORE)
+
+    @app.route("/introspect", methods=["POST"])
+    async def introspect(self, request: IRequest) -> bytes:
+        """RFC 7662, for services that would otherwise link a validation library (migration.md)."""
+        body = read_body(request, MAX_BODY)
+        if media_type(request) != FORM:
+            raise policy.invalid_request(f"the body must be {FORM}")
+        return await self.introspection.answer(request, parse_form(body))
 
     @app.route("/v0/token/<profile>", methods=["POST"])
     async def api_key_token(self, request: IRequest, profile: str) -> bytes:

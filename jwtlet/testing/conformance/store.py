@@ -65,7 +65,7 @@ class StoreConformance:
     async def test_identifiers_keep_every_character(self, store: Any) -> None:
         prefix = "system:serviceaccount:ns:ünïcødé/😀"
         client = prefix + "x" * (1024 - len(prefix))
-        context = "ctx with spaces, 'quotes' and \"more\"; DROP TABLE mappings;--"
+        context = "ctx with spaces, 'quotes' and \"more\"; DROP TABLE resource_mappings;--"
         await as_deferred(store.add_mapping(ResourceMapping(client, context, scopes=("s",))))
         assert len(client) == 1024
         assert (await as_deferred(store.get_mapping(client, context))).client_identifier == client

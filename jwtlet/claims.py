@@ -1,0 +1,305 @@
+"""
+Claims from the caller (claims.md): a resource mapping's ``condition`` and
+the ``claimExpressions`` of mappings and scopes, in CEL, and the merge of
+every source of claims with its conflicts.
+
+Expressions are compiled once per source text — when a mapping or scope is
+written (:func:`check_condition`, :func:`check_expression`), or on first use
+after it is loaded — and the programs are kept (:func:`compiled`), so no
+exchange compiles.  Evaluation is pure and fails closed.  This module says
+what went wrong (:class:`RuleFailed`, :class:`ClaimConflict`);
+:mod:`jwtlet.policy` turns that into the refusal a client sees.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import attrs
+from cachetools import LRUCache
+
+from jwtlet import cel
+from jwtlet.cel import CelCompileError, CelEvaluationError, Expression
+from jwtlet.model import Identity, JSONObject, JSONValue, ResourceMapping, ScopeMapping
+
+#: The top-level names an expression may read (claims.md, "What an expression sees").
+VARIABLES = frozenset({"subject", "request", "now"})
+
+#: Compiled programs kept, by source.  Far more than the expressions of any
+#: real set of mappings; beyond it the least recently used is compiled again.
+COMPILED_EXPRESSIONS = 16_384
+
+#: Activations kept for callers seen again (the validators keep an identity
+#: while its token is cached, so a workload's next exchange finds its own).
+PREPARED_CALLERS = 10_000
+
+#: Where a mapping's own expressions are named in conflicts and logs.
+MAPPING_EXPRESSIONS = "claimExpressions"
+
+#: One source of claims: who gives them (for conflict messages) and what.
+Layer = tuple[str, Mapping[str, JSONValue]]
+
+
+@attrs.define(auto_exc=True)
+class RuleFailed(Exception):
+    """
+    A rule of the mapping refused the caller.  ``rule`` names the expression
+    (``condition``, ``claimExpressions.pod``, ``scope 'read' claimExpressions.team``);
+    ``outcome`` is ``false`` (the condition does not hold), ``failed`` (an
+    evaluation error or a result that is not JSON) or ``invalid`` (the stored
+    expression no longer compiles; ``reason`` is what the checker said).
+    Nothing here ever quotes a value of the caller's credential.
+    """
+
+    rule: str
+    outcome: str
+    reason: str = ""
+
+
+@attrs.define(auto_exc=True)
+class ClaimConflict(Exception):
+    """Two sources give one claim different values."""
+
+    claim: str
+    first: str
+    second: str
+
+    def __str__(self) -> str:
+        return f"{self.first} and {self.second} give claim '{self.claim}' different values"
+
+
+# -- compiling ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=COMPILED_EXPRESSIONS)
+def compiled(source: str) -> Union[Expression, CelCompileError]:
+    """
+    The program of ``source``, compiled on its first use only.  A source that
+    does not compile is remembered as its error, so a broken stored mapping
+    is not compiled again by every exchange that reaches it.
+    """
+    try:
+        return cel.compile_expression(source, VARIABLES)
+    except CelCompileError as error:
+        return error
+
+
+def _checked(field: str, source: JSONValue) -> Expression:
+    if not isinstance(source, str):
+        raise ValueError(f"{field}: must be a string holding a CEL expression")
+    program = compiled(source)
+    if isinstance(program, CelCompileError):
+        raise ValueError(f"{field}: {program}")
+    return program
+
+
+def check_expression(field: str, source: JSONValue) -> str:
+    """A claim expression as written: its source, or ``ValueError("<field>: <what the CEL checker said>")``."""
+    return _checked(field, source).source
+
+
+def check_condition(source: JSONValue, field: str = "condition") -> str:
+    """
+    A condition as written.  The CEL package declares no variable types, so
+    its checker cannot type an expression; a condition is evaluated against a
+    caller with every field empty instead, and refused if that gives anything
+    but a bool.  One that fails there (it reads a key the empty caller lacks)
+    can only be typed by an exchange, where a non-bool fails closed.
+    """
+    program = _checked(field, source)
+    try:
+        value = cel.evaluate(program, _EMPTY_CALLER)
+    except CelEvaluationError:
+        return program.source
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}: evaluates to {_json_type(value)}, not bool")
+    return program.source
+
+
+def _json_type(value: JSONValue) -> str:
+    names = {str: "string", int: "int", float: "double", list: "list", dict: "map"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+# -- what an expression sees -------------------------------------------------------
+
+
+def string_lists(extra: Mapping[str, JSONValue]) -> dict[str, list[str]]:
+    """
+    ``extra`` as map(string, list(string)) (TokenReview's shape); entries of
+    any other shape, which a plugin's validator might hand over, are left out.
+    """
+    return {
+        key: list(values)
+        for key, values in extra.items()
+        if isinstance(key, str) and isinstance(values, (list, tuple)) and all(isinstance(v, str) for v in values)
+    }
+
+
+def variables(
+    subject: Identity, resource: str, scopes: Sequence[str], audiences: Sequence[str], now: Optional[float]
+) -> dict[str, object]:
+    """
+    The variables of claims.md for one exchange.  Without a clock there is
+    no ``now``: an expression reading it fails, and so refuses.
+    """
+    found: dict[str, object] = {
+        "subject": {
+            "username": subject.username,
+            "namespace": subject.namespace or "",
+            "serviceAccount": subject.name or "",
+            "uid": subject.uid or "",
+            "issuer": subject.issuer,
+            "claims": dict(subject.claims),
+            "extra": string_lists(subject.extra),
+        },
+        "request": {"resource": resource, "scopes": list(scopes), "audiences": list(audiences)},
+    }
+    if now is not None:
+        found["now"] = _timestamp(now)
+    return found
+
+
+def _timestamp(now: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(now, datetime.UTC)
+
+
+_EMPTY_CALLER = cel.prepare(variables(Identity(username="", issuer=""), "", (), (), 0.0))
+
+
+_PreparedKey = tuple[int, str, tuple[str, ...], tuple[str, ...]]
+
+# Handing values to the CEL package costs microseconds per value, and a
+# subject's claims are dozens of them: far more than evaluating.  So an
+# activation is kept per (identity object, request) and only ``now`` is set
+# again.  The identity is kept with it, so its ``id`` cannot be reused while
+# the entry lives; an exchange sets ``now`` and evaluates without yielding,
+# so no other exchange sees the activation in between.
+_prepared: LRUCache[_PreparedKey, tuple[Identity, object]] = LRUCache(PREPARED_CALLERS)
+
+
+@attrs.define
+class Caller:
+    """
+    What the expressions of one exchange see, prepared on first need: an
+    exchange whose mapping and scopes hold no expression never pays for it.
+    """
+
+    subject: Identity
+    resource: str
+    scopes: Sequence[str]
+    audiences: Sequence[str]
+    now: Optional[float]
+    _activation: Optional[object] = attrs.field(default=None, init=False)
+
+    def activation(self) -> object:
+        if self._activation is None:
+            self._activation = self._prepare()
+        return self._activation
+
+    def _prepare(self) -> object:
+        if self.now is None:  # no clock, no ``now``: not kept, it is never the daemon's case
+            return cel.prepare(variables(self.subject, self.resource, self.scopes, self.audiences, None))
+        key = (id(self.subject), self.resource, tuple(self.scopes), tuple(self.audiences))
+        kept = _prepared.get(key)
+        if kept is not None and kept[0] is self.subject:
+            cel.set_variable(kept[1], "now", _timestamp(self.now))
+            return kept[1]
+        activation = cel.prepare(variables(self.subject, self.resource, self.scopes, self.audiences, self.now))
+        _prepared[key] = (self.subject, activation)
+        return activation
+
+
+# -- evaluating ---------------------------------------------------------------------
+
+
+def _program(rule: str, source: str) -> Expression:
+    program = compiled(source)
+    if isinstance(program, CelCompileError):
+        raise RuleFailed(rule, "invalid", str(program))
+    return program
+
+
+def require_condition(mapping: ResourceMapping, caller: Caller) -> None:
+    """The mapping applies only when its condition is ``true``; else :class:`RuleFailed`."""
+    if mapping.condition is None:
+        return
+    program = _program("condition", mapping.condition)
+    try:
+        holds = cel.evaluate_bool(program, caller.activation())
+    except CelEvaluationError:
+        raise RuleFailed("condition", "failed") from None
+    if not holds:
+        raise RuleFailed("condition", "false")
+
+
+def evaluate_claims(
+    rule: str, expressions: Mapping[str, str], caller: Caller, reserved: frozenset[str]
+) -> JSONObject:
+    """
+    The claims ``expressions`` compute for ``caller``.  A reserved name is
+    never evaluated, so it can never be produced, whatever a store holds.
+    """
+    claims: JSONObject = {}
+    for name in sorted(expressions):
+        if name in reserved:
+            continue
+        named = f"{rule}.{name}"
+        program = _program(named, expressions[name])
+        try:
+            claims[name] = cel.evaluate(program, caller.activation())
+        except CelEvaluationError:
+            raise RuleFailed(named, "failed") from None
+    return claims
+
+
+def static_layers(requested: Iterable[str], scope_mappings: Mapping[str, ScopeMapping]) -> list[Layer]:
+    """The static claims of the requested scopes that have a scope mapping, by scope name."""
+    return [
+        (f"scope '{name}'", scope_mappings[name].claims)
+        for name in sorted(set(requested))
+        if name in scope_mappings
+    ]
+
+
+def expression_layers(
+    requested: Iterable[str],
+    scope_mappings: Mapping[str, ScopeMapping],
+    mapping: ResourceMapping,
+    caller: Caller,
+    reserved: frozenset[str],
+) -> list[Layer]:
+    """The scopes' claim expressions, by scope name, then the mapping's (claims.md's order)."""
+    layers: list[Layer] = []
+    for name in sorted(set(requested)):
+        scope = scope_mappings.get(name)
+        if scope is not None and scope.claim_expressions:
+            rule = f"scope '{name}' {MAPPING_EXPRESSIONS}"
+            layers.append((rule, evaluate_claims(rule, scope.claim_expressions, caller, reserved)))
+    if mapping.claim_expressions:
+        layers.append((
+            f"the mapping's {MAPPING_EXPRESSIONS}",
+            evaluate_claims(MAPPING_EXPRESSIONS, mapping.claim_expressions, caller, reserved),
+        ))
+    return layers
+
+
+def merge(layers: Iterable[Layer], reserved: frozenset[str]) -> JSONObject:
+    """
+    Every layer's claims in one object; a claim two layers give different
+    values is a :class:`ClaimConflict` (the same value twice is fine).
+    Reserved names are never taken.
+    """
+    claims: JSONObject = {}
+    origin: dict[str, str] = {}
+    for source, given in layers:
+        for name, value in given.items():
+            if name in reserved:
+                continue
+            if name in claims and claims[name] != value:
+                raise ClaimConflict(name, origin[name], source)
+            claims[name] = value
+            origin.setdefault(name, source)
+    return claims
