@@ -13,14 +13,51 @@ result that is not a JSON value, is a :class:`CelEvaluationError`.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import math
 import re
-from typing import Mapping, Optional
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import attrs
-import cel as _cel
 
 from jwtlet.model import JSONObject, JSONValue
+
+if TYPE_CHECKING:
+    import cel as _cel_types
+
+
+def _native() -> ModuleType:
+    """
+    The package's native module alone.  ``import cel`` also imports the
+    package's command-line tool (typer, rich, prompt_toolkit: about 28 MB and
+    160 ms at every start), which a daemon never uses; so the extension is
+    loaded from the installed package without running its ``__init__``.
+    """
+    loaded = sys.modules.get("cel.cel")
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.find_spec("cel")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the common-expression-language package is not installed")
+    for directory in spec.submodule_search_locations:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            candidate = Path(directory) / f"cel{suffix}"
+            if not candidate.is_file():
+                continue
+            loader = importlib.machinery.ExtensionFileLoader("cel.cel", str(candidate))
+            native_spec = importlib.util.spec_from_file_location("cel.cel", candidate, loader=loader)
+            if native_spec is not None:
+                module = importlib.util.module_from_spec(native_spec)
+                loader.exec_module(module)
+                return module
+    raise ImportError("the common-expression-language package has no native module")
+
+
+_cel = _native()
 
 #: claims.md: an expression longer than this is refused when it is written.
 MAX_EXPRESSION_LENGTH = 2048
@@ -43,7 +80,7 @@ class Expression:
     """A compiled expression and its source (for logs and round trips)."""
 
     source: str
-    program: _cel.Program = attrs.field(eq=False, repr=False)
+    program: _cel_types.Program = attrs.field(eq=False, repr=False)
 
 
 def compile_expression(source: object, variables: frozenset[str]) -> Expression:
@@ -99,7 +136,7 @@ def evaluate_bool(expression: Expression, activation: object) -> bool:
     return value
 
 
-def prepare(variables: Mapping[str, object]) -> _cel.Context:
+def prepare(variables: Mapping[str, object]) -> _cel_types.Context:
     """
     A context built once per evaluation round: several expressions evaluated
     against the same variables (a condition and its claim expressions) share

@@ -82,3 +82,15 @@ def test_no_source_text_escapes_as_anything_but_a_compile_error(source: str) -> 
         evaluate(expression, activation())
     except CelEvaluationError:
         pass
+
+
+def test_the_daemon_loads_the_native_cel_module_without_the_packages_command_line_tool() -> None:
+    """``import cel`` drags in typer, rich and prompt_toolkit (~28 MB at every start); jwtlet must not."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, jwtlet.cel as c; "
+             "c.compile_expression('1 + 1', frozenset()); "
+             "print(sorted(m for m in ('cel.cli', 'typer', 'rich', 'prompt_toolkit') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
