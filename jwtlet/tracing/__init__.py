@@ -11,8 +11,9 @@ The code that does the work asks :func:`current` for the daemon's
 Off (the default, or before the daemon starts), :func:`current` is
 :data:`OFF`, whose spans are one shared object that does nothing: no
 OpenTelemetry module is ever imported.  On, :func:`build` imports
-:mod:`jwtlet.tracing.otlp` (the ``otel`` extra: spans recorded by
-:mod:`~jwtlet.tracing.spans`, queued by :mod:`~jwtlet.tracing.export`) and the
+:mod:`jwtlet.tracing.exporter` (the ``otel`` extra: spans recorded by
+:mod:`~jwtlet.tracing.spans`, queued by :mod:`~jwtlet.tracing.export`, encoded
+and posted by :mod:`~jwtlet.tracing.otlp` in a process of their own) and the
 daemon installs what it returns for as long as it runs.  The tracer is process-wide, like
 OpenTelemetry's own provider and Twisted's log publisher: every outbound HTTP
 call, validator and signer is traced without each constructor taking it.
@@ -45,7 +46,7 @@ SIGNER_ATTRIBUTE = "jwtlet.signer"
 
 #: The modules of the ``otel`` extra that tracing imports, and how to get them.
 OTEL_MODULES = ("opentelemetry.trace", "opentelemetry.sdk.resources", "opentelemetry.proto.trace.v1.trace_pb2",
-                "requests")
+                "urllib3")
 INSTALL_HINT = "pip install 'jwtlet[otel]'"
 
 #: A request header by name (``None`` when absent), for W3C context extraction.
@@ -180,6 +181,6 @@ def build(config: TracingConfig, metrics: Metrics) -> Tracing:
     """The tracer ``config`` asks for: :data:`OFF`, or one exporting over OTLP/HTTP (needs the extra)."""
     if not config.enabled:
         return OFF
-    from jwtlet.tracing.otlp import exporting
+    from jwtlet.tracing.exporter import exporting
 
     return exporting(config, metrics)

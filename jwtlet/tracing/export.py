@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 from twisted.logger import Logger
 
 from jwtlet.metrics import Metrics
-from jwtlet.tracing.spans import RecordedSpan
+from jwtlet.tracing.spans import Finished
 
 log = Logger(namespace="jwtlet.tracing")
 
@@ -28,7 +28,7 @@ MAX_EXPORT_BATCH = 512
 SCHEDULE_DELAY_SECS = 1.0
 
 #: Sends one batch; ``True`` when the collector took it.
-Send = Callable[[Sequence[RecordedSpan]], bool]
+Send = Callable[[Sequence[Finished]], bool]
 
 
 class ExportQueue:
@@ -49,7 +49,7 @@ class ExportQueue:
         self.batch = min(batch, capacity)
         self.queue_full = metrics.trace_spans_dropped.labels("queue_full")
         self.export_failed = metrics.trace_spans_dropped.labels("export_failed")
-        self.pending: deque[RecordedSpan] = deque()
+        self.pending: deque[Finished] = deque()
         self.wake = threading.Event()
         self.stopping = False
         #: One export at a time: the thread's, or a caller's flush.
@@ -62,7 +62,7 @@ class ExportQueue:
         """Spans queued and not yet taken for export."""
         return len(self.pending)
 
-    def add(self, span: RecordedSpan) -> None:
+    def add(self, span: Finished) -> None:
         """Queue an ended span, or drop and count it when the queue is full; never waits."""
         pending = self.pending
         if len(pending) >= self.capacity:
@@ -72,10 +72,15 @@ class ExportQueue:
         if len(pending) >= self.batch and not self.wake.is_set():
             self.wake.set()
 
-    def flush(self) -> None:
-        """Send every span queued so far, in the calling thread (which waits for the collector)."""
+    def flush(self, whole_batches: bool = False) -> None:
+        """
+        Send the spans queued so far (with ``whole_batches``, only as many
+        as fill whole batches) in the calling thread, which waits for the
+        collector.
+        """
+        least = self.batch if whole_batches else 1
         with self.exporting:
-            while self.pending:
+            while len(self.pending) >= least:
                 count = min(len(self.pending), self.batch)
                 taken = [self.pending.popleft() for _ in range(count)]
                 if not self._sent(taken):
@@ -87,7 +92,7 @@ class ExportQueue:
         self.wake.set()
         self.thread.join()
 
-    def _sent(self, spans: Sequence[RecordedSpan]) -> bool:
+    def _sent(self, spans: Sequence[Finished]) -> bool:
         try:
             return self.send(spans)
         except Exception:
@@ -96,7 +101,9 @@ class ExportQueue:
 
     def _run(self) -> None:
         while not self.stopping:
-            self.wake.wait(self.delay)
+            # Woken by a whole batch: whole batches only, the rest waits for
+            # the next; at the end of a delay: everything.
+            woken = self.wake.wait(self.delay)
             self.wake.clear()
-            self.flush()
+            self.flush(whole_batches=woken and not self.stopping)
         self.flush()
