@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -84,7 +85,7 @@ def test_no_source_text_escapes_as_anything_but_a_compile_error(source: str) -> 
         pass
 
 
-def test_the_daemon_loads_the_native_cel_module_without_the_packages_command_line_tool() -> None:
+def test_the_daemon_loads_the_native_cel_module_without_the_packages_command_line_tool(tmp_path: Path) -> None:
     """``import cel`` drags in typer, rich and prompt_toolkit (~28 MB at every start); jwtlet must not."""
     import subprocess
     import sys
@@ -92,5 +93,6 @@ def test_the_daemon_loads_the_native_cel_module_without_the_packages_command_lin
     probe = ("import sys, jwtlet.cel as c; "
              "c.compile_expression('1 + 1', frozenset()); "
              "print(sorted(m for m in ('cel.cli', 'typer', 'rich', 'prompt_toolkit') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    # From tmp_path, so the installed package is imported, not the checkout's source tree.
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert result.stdout.strip() == "[]"

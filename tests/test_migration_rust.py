@@ -11,7 +11,6 @@ import configparser
 import json
 import os
 import subprocess
-import sys
 import types
 import urllib.request
 from pathlib import Path
@@ -34,7 +33,7 @@ from jwtlet.logs import rust_log_level
 from jwtlet.plugins.postgres_store import PoolOptions, parse_duration, postgres
 from jwtlet.plugins.vault_transit import vault_transit
 from jwtlet.testing.conformance.signer import assert_signer_conforms
-from jwtlet.testing.process import free_port
+from jwtlet.testing.process import bin_path, free_port
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
@@ -117,10 +116,9 @@ def run_jwtlet_server(tmp_path: Path, path: Path, env: dict[str, str]) -> tuple[
     """
     token_port, management_port = free_port(), free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("JWTLET", "RUST_LOG"))}
-    environment.update(env, JWTLET__TOKEN_EXCHANGE_PORT=str(token_port), JWTLET__MANAGEMENT_PORT=str(management_port),
-                       PYTHONPATH=str(ROOT_DIR))
-    process = subprocess.Popen(  # noqa: S603 - our own interpreter
-        [sys.executable, "-c", "import sys; from jwtlet.cli.main import server; sys.exit(server())", str(path)],
+    environment.update(env, JWTLET__TOKEN_EXCHANGE_PORT=str(token_port), JWTLET__MANAGEMENT_PORT=str(management_port))
+    process = subprocess.Popen(  # noqa: S603 - the console script installed beside our interpreter
+        [bin_path("jwtlet-server"), str(path)],
         cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

@@ -860,7 +860,9 @@ assert reply.code == 200, reply.body
 loaded = sorted(name for name in sys.modules if name.startswith("opentelemetry"))
 assert not loaded, loaded
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)  # noqa: S603
+    # Run from tmp_path: from the checkout, ``python -c`` would import the source tree, not the installed package.
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,  # noqa: S603
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
 
