@@ -32,14 +32,9 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, TypeVar, cast
 
 import attrs
-import psycopg
-import psycopg_pool
-from psycopg import errors as pg_errors
-from psycopg.conninfo import make_conninfo
-from psycopg.rows import dict_row
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
@@ -60,6 +55,11 @@ from jwtlet.interfaces import (
 )
 from jwtlet.plugins import sql_store
 from jwtlet.plugins.sql_store import Access, Connection, SQLReactor, SQLStore
+
+# psycopg is imported where it is used, not here: every plugin module is
+# imported by discovery, and a daemon on SQLite would carry psycopg's ~9 MB.
+if TYPE_CHECKING:
+    import psycopg
 
 log = Logger(namespace="jwtlet.store.postgres")
 
@@ -194,6 +194,8 @@ class Listener:
         self.connected = False
 
     def _loop(self) -> None:
+        import psycopg
+
         delay = 0.1
         while not self._stop.is_set():
             listening = False
@@ -229,6 +231,9 @@ class PostgresStore(SQLStore):
         self.conninfo = conninfo
         self.run_migrations = run_migrations
         self.pool_options = pool
+        import psycopg_pool
+        from psycopg.rows import dict_row
+
         self._pool = psycopg_pool.ConnectionPool(
             conninfo,
             min_size=pool.min_connections,
@@ -268,6 +273,10 @@ class PostgresStore(SQLStore):
                 return work(connection)
 
     def _translate(self, error: Exception) -> Optional[Exception]:
+        import psycopg
+        import psycopg_pool
+        from psycopg import errors as pg_errors
+
         if isinstance(error, pg_errors.UniqueViolation):
             return Conflict(type(error).__name__)
         if isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout,
@@ -322,7 +331,11 @@ class ConnectionOptions:
         """``url`` with these options, which win over the same parameters in it (as in the Rust jwtlet)."""
         extra = {key: value for key, value in (("sslmode", self.sslmode), ("sslrootcert", self.ssl_root_cert))
                  if value}
-        return make_conninfo(url, **extra) if extra else url
+        if not extra:
+            return url
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(url, **extra)
 
 
 def _pool_options(pool: SectionReader) -> PoolOptions:

@@ -75,3 +75,14 @@ def test_built_providers_come_adapted(tmp_path: Path) -> None:
     store = build(discover(), "store", config.storage_backend, context)
     assert isinstance(store, Store)
     assert type(store.provider).__name__ == "MemoryStore"
+
+
+def test_discovering_the_built_in_plugins_does_not_load_the_postgres_driver(tmp_path: Path) -> None:
+    """A daemon on SQLite never needs psycopg (~9 MB of memory): discovery imports every plugin module."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from jwtlet.discovery import discover; discover(); "
+             "print([m for m in ('psycopg', 'psycopg_pool') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert result.stdout.strip() == "[]"
