@@ -18,6 +18,7 @@ from jwcrypto.common import JWException, base64url_decode
 from jwcrypto.jws import JWS
 
 from jwtlet import strictjson
+from jwtlet.config.reader import SectionReader, as_number, in_range, positive
 from jwtlet.interfaces import DependencyUnavailable, TokenRejected
 from jwtlet.jwks import KeySource
 from jwtlet.model import JSONValue
@@ -196,3 +197,18 @@ class Verifier:
                 broken.append(name)
         if broken:
             raise DependencyUnavailable(f"no usable JWKS for {', '.join(broken)}")
+
+
+@attrs.frozen
+class Timing:
+    """The options every JWT validator reads the same way: JWKS cache lifetime and clock leeway."""
+
+    jwks_cache_ttl_secs: float
+    leeway_secs: float
+
+    @classmethod
+    def read(cls, section: SectionReader) -> Timing:
+        return cls(
+            jwks_cache_ttl_secs=section.get("jwks_cache_ttl_secs", as_number, 3600.0, check=positive),
+            leeway_secs=section.get("leeway_secs", as_number, 30.0, check=in_range(0, 300)),
+        )

@@ -31,7 +31,7 @@ from zope.interface import implementer
 from jwtlet import authenticator, interfaces
 from jwtlet.authenticator import CLAIMS_VARIABLES, USER_VARIABLES, FromClaim, Rules, Source, overlapping_prefix_problems
 from jwtlet.cel import CelCompileError, Expression, compile_expression
-from jwtlet.config.reader import REQUIRED, SectionReader, as_number, as_str, https_url, in_range, positive
+from jwtlet.config.reader import REQUIRED, SectionReader, as_str, https_url
 from jwtlet.files import write_private
 from jwtlet.interfaces import (
     IReadiness,
@@ -43,7 +43,7 @@ from jwtlet.interfaces import (
     TokenRejected,
 )
 from jwtlet.jwks import RemoteKeys
-from jwtlet.jwtverify import TrustedIssuer, Verifier, token_audiences
+from jwtlet.jwtverify import Timing, TrustedIssuer, Verifier, token_audiences
 from jwtlet.kubernetes import identity
 from jwtlet.model import Identity
 from jwtlet.outbound import build_http_client
@@ -382,8 +382,8 @@ class JWTAuthenticatorFactory:
     def build(self, options: Mapping[str, Any], context: PluginContext) -> JWTAuthenticator:
         problems: list[str] = []
         section = SectionReader(options, "", problems)
-        ttl = section.get("jwks_cache_ttl_secs", as_number, 3600.0, check=positive)
-        leeway = section.get("leeway_secs", as_number, 30.0, check=in_range(0, 300))
+        timing = Timing.read(section)
+        ttl, leeway = timing.jwks_cache_ttl_secs, timing.leeway_secs
         readers = _entries(section, "jwt", required=True)
         section.finish()
         entries = [(reader.path, parsed) for reader in readers

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from jwtlet import interfaces
 from jwtlet.cache import ExpiringCache
-from jwtlet.config.reader import SectionReader, as_nonempty_str, as_number, as_str, https_url, in_range, positive
+from jwtlet.config.reader import SectionReader, as_nonempty_str, as_str, https_url
 from jwtlet.interfaces import (
     IReadiness,
     ITrustedIssuers,
@@ -37,7 +37,7 @@ from jwtlet.interfaces import (
     TokenRejected,
 )
 from jwtlet.jwks import RemoteKeys, StaticKeys
-from jwtlet.jwtverify import MAX_TOKEN_BYTES, TrustedIssuer, Verifier
+from jwtlet.jwtverify import MAX_TOKEN_BYTES, Timing, TrustedIssuer, Verifier
 from jwtlet.kubernetes import identity
 from jwtlet.model import Identity
 from jwtlet.outbound import TokenFile, build_http_client
@@ -233,8 +233,8 @@ class OIDCValidatorFactory:
     def build(self, options: Mapping[str, Any], context: PluginContext) -> OIDCValidator:
         problems: list[str] = []
         section = SectionReader(options, "", problems)
-        ttl = section.get("jwks_cache_ttl_secs", as_number, 3600.0, check=positive)
-        leeway = section.get("leeway_secs", as_number, 30.0, check=in_range(0, 300))
+        timing = Timing.read(section)
+        ttl, leeway = timing.jwks_cache_ttl_secs, timing.leeway_secs
         # Accepted so that switching ``type`` from kubernetes-tokenreview
         # needs no other edit; kubernetes-oidc calls no API server.
         for unused in ("api_server_url", "token_file", "ca_file"):
