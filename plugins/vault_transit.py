@@ -19,6 +19,10 @@ request with ``batch_input`` (at most ``batch_max`` items, waiting at most
 every item a ``reference`` checked in the answer as well as its position, so
 no exchange can receive a signature made for another; an item Vault refuses
 fails only its own exchange, while an outage fails the whole batch.
+
+Over 400 lines because one Vault key's whole life is here: authentication
+(token file or Kubernetes login), key metadata and rotation, publication
+before use, batching and signing; each part reads the others' state.
 """
 
 from __future__ import annotations

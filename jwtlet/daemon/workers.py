@@ -24,6 +24,10 @@ The first worker starts alone and the others once it is ready, so one-time
 work (migrations, a generated key, the dev issuer) is done by one process.
 A worker that cannot start before any worker was ever ready is a broken
 deployment, not a crash to retry: the supervisor exits with status 1.
+
+Over 400 lines because the supervisor, the parent's and the worker's sides of
+the shared sockets, and the checks of ``workers`` are one protocol: split,
+each half would have to be read with the other.
 """
 
 from __future__ import annotations

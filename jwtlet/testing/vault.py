@@ -10,6 +10,10 @@ booleans and integers may arrive as strings, a ``batch_input`` sign is 200
 however many of its items failed (each failure an ``error`` in its result).
 
     python -m jwtlet.testing.vault --port 8200 --token root
+
+Over 400 lines because it is one faithful fake of a wire contract (every
+endpoint the signer uses, with Vault's quirks and the fault injections the
+tests need); it is test code, shipped with the ``test`` extra's users in mind.
 """
 
 from __future__ import annotations
