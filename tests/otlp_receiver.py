@@ -7,7 +7,6 @@ and keeps the spans, on a loopback port, in a thread of its own.
 from __future__ import annotations
 
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
@@ -48,7 +47,7 @@ class Receiver:
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
         self.paths: list[str] = []
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,6 +57,7 @@ class Receiver:
                 with receiver.lock:
                     receiver.paths.append(self.path)
                     receiver.spans.extend(decoded(request))
+                    receiver.lock.notify_all()
                 answer = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -86,10 +86,6 @@ class Receiver:
 
     def wait_for(self, done: Callable[[list[ReceivedSpan]], bool], timeout: float = 30.0) -> list[ReceivedSpan]:
         """The spans received once ``done`` says they are enough (a bounded wait: export is batched)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.lock:
-                spans = list(self.spans)
-            if done(spans) or time.monotonic() > deadline:
-                return spans
-            time.sleep(0.05)
+        with self.lock:
+            self.lock.wait_for(lambda: done(list(self.spans)), timeout)
+            return list(self.spans)

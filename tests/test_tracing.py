@@ -681,15 +681,16 @@ def test_an_exporter_that_raises_loses_its_batch_counted_and_the_thread_goes_on(
     metrics = Metrics()
     calls: list[int] = []
 
+    first_batch = threading.Event()
+
     def broken(batch: Sequence[spans.Finished]) -> bool:
         calls.append(len(batch))
+        first_batch.set()
         raise ValueError("a bug in the exporter")
 
     queue = export.ExportQueue(broken, metrics, capacity=64, delay=0.01)
     ended_spans(queue, 2)
-    deadline = time.monotonic() + 10
-    while dropped(metrics, "export_failed") < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)  # the export thread's delay is wall-clock time
+    assert first_batch.wait(10), "the export thread took the first batch"
     ended_spans(queue, 1)
     queue.shutdown()
     assert dropped(metrics, "export_failed") == 3 and sum(calls) == 3
@@ -698,19 +699,18 @@ def test_an_exporter_that_raises_loses_its_batch_counted_and_the_thread_goes_on(
 def test_the_export_thread_sends_whole_batches_and_the_rest_after_its_delay() -> None:
     """Few large posts, not one per span: a batch's worth wakes the thread, a partial one waits for the delay."""
     batches: list[list[str]] = []
-    sent = threading.Event()
+    arrived = threading.Condition()
 
     def collector(batch: Sequence[spans.Finished]) -> bool:
-        batches.append([span[0] for span in batch])
-        sent.set()
+        with arrived:
+            batches.append([span[0] for span in batch])
+            arrived.notify_all()
         return True
 
     queue = export.ExportQueue(collector, Metrics(), capacity=64, delay=3600, batch=4)
     ended_spans(queue, 10)
-    assert sent.wait(10)
-    deadline = time.monotonic() + 10
-    while sum(map(len, batches)) < 8 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    with arrived:
+        arrived.wait_for(lambda: sum(map(len, batches)) >= 8, 10)
     assert [len(batch) for batch in batches] == [4, 4] and queue.waiting == 2
     queue.shutdown()  # what is left goes on stop
     assert [len(batch) for batch in batches] == [4, 4, 2]
@@ -794,6 +794,8 @@ class ThreadedClock:
     """A Clock that also takes calls from threads (they run at the next advance, on the test's thread)."""
 
     clock: Clock
+    #: set whenever a thread hands over a call, so the test waits for it instead of polling
+    called: threading.Event = attrs.field(factory=threading.Event)
 
     def callLater(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - Twisted's name
         return self.clock.callLater(*args, **kwargs)
@@ -803,22 +805,24 @@ class ThreadedClock:
 
     def callFromThread(self, function: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
         self.clock.callLater(0, function, *args)
+        self.called.set()
 
 
 def test_the_daemon_installs_its_tracer_while_it_runs_and_flushes_on_stop() -> None:
     installed = recorder()
     clock = Clock()
-    service = TracingService(installed.tracer, ThreadedClock(clock))
+    threaded = ThreadedClock(clock)
+    service = TracingService(installed.tracer, threaded)
     assert tracing.current() is tracing.OFF
     service.startService()
     assert tracing.current() is installed.tracer
     with tracing.current().span("work"):
         pass
     stopping = service.stopService()
-    for _ in range(100):
-        if stopping.called:
-            break
-        time.sleep(0.01)  # the flush runs in its own thread
+    while not stopping.called:
+        # The flush runs in its own thread and hands its end to the reactor.
+        assert threaded.called.wait(10), "the flush never finished"
+        threaded.called.clear()
         clock.advance(0)
     assert settled(stopping) is None
     assert tracing.current() is tracing.OFF
