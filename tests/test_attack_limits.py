@@ -51,7 +51,8 @@ def upload(port: int, path: str, size: int, chunked: bool = False, pause: float 
     POST ``size`` bytes of form body to ``path`` as fast as the daemon takes
     them (or one piece every ``pause`` seconds, the trickling attacker's pace,
     cut short when ``stop`` is set), stopping as soon as an answer arrives, as
-    a client that reads while it sends does.  Returns the status, the JSON body and the seconds from the first byte to the answer.
+    a client that reads while it sends does.  Returns the status, the JSON
+    body and the seconds from the first byte to the answer.
     """
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
