@@ -23,6 +23,7 @@ import treq
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 from vault_fixtures import (
+    KEY_TYPES,
     ROOT,
     RunningVault,
     build_signer,
@@ -69,17 +70,8 @@ def openbao_signer(tmp_path: Path, openbao: OpenBao, key_type: str, clock: Any =
                         **options)
 
 
-@pytest.mark.parametrize(
-    "key_type, rsa_algorithm, alg",
-    [
-        ("ed25519", "RS256", "EdDSA"),
-        ("ecdsa-p256", "RS256", "ES256"),
-        ("ecdsa-p384", "RS256", "ES384"),
-        ("rsa-2048", "RS256", "RS256"),
-        ("rsa-2048", "PS256", "PS256"),
-        ("rsa-3072", "PS256", "PS256"),
-    ],
-)
+# rsa-4096 key generation takes the real server seconds; the fake Vault covers it.
+@pytest.mark.parametrize("key_type, rsa_algorithm, alg", [entry for entry in KEY_TYPES if entry[0] != "rsa-4096"])
 @pytest_twisted.ensureDeferred
 async def test_every_key_type_conforms_with_a_least_privilege_token(
     tmp_path: Path, openbao: OpenBao, key_type: str, rsa_algorithm: str, alg: str

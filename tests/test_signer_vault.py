@@ -18,7 +18,7 @@ from jwcrypto.common import base64url_decode
 from jwcrypto.jwk import JWK
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
-from vault_fixtures import ROOT, RunningVault, build_signer, running_vault, signer_context
+from vault_fixtures import KEY_TYPES, ROOT, RunningVault, build_signer, running_vault, signer_context
 
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError
 from jwtlet.outbound import close_http_client
@@ -45,18 +45,7 @@ async def stopped(signer: Any) -> None:
     await signer.stopService()
 
 
-@pytest.mark.parametrize(
-    "key_type, rsa_algorithm, alg",
-    [
-        ("ed25519", "RS256", "EdDSA"),
-        ("ecdsa-p256", "RS256", "ES256"),
-        ("ecdsa-p384", "RS256", "ES384"),
-        ("rsa-2048", "RS256", "RS256"),
-        ("rsa-2048", "PS256", "PS256"),
-        ("rsa-3072", "PS256", "PS256"),
-        ("rsa-4096", "RS256", "RS256"),
-    ],
-)
+@pytest.mark.parametrize("key_type, rsa_algorithm, alg", KEY_TYPES)
 @pytest_twisted.ensureDeferred
 async def test_every_key_type_conforms(tmp_path: Path, vault: RunningVault, key_type: str, rsa_algorithm: str,
                                        alg: str) -> None:

@@ -182,3 +182,15 @@ async def vault_signed_exchange_outage_and_rotation(tmp_path: Path, config: Path
     finally:
         code = await deferToThread(daemon.stop, signal.SIGTERM)
     assert code in (0, -signal.SIGTERM)
+
+
+#: Every transit key type with the JWS algorithm it signs (RSA both ways): ``(key_type, rsa_algorithm, alg)``.
+KEY_TYPES = [
+    ("ed25519", "RS256", "EdDSA"),
+    ("ecdsa-p256", "RS256", "ES256"),
+    ("ecdsa-p384", "RS256", "ES384"),
+    ("rsa-2048", "RS256", "RS256"),
+    ("rsa-2048", "PS256", "PS256"),
+    ("rsa-3072", "PS256", "PS256"),
+    ("rsa-4096", "RS256", "RS256"),
+]
