@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import attrs
 
@@ -136,21 +136,23 @@ def evaluate_bool(expression: Expression, activation: object) -> bool:
     return value
 
 
-def prepare(variables: Mapping[str, object]) -> _cel_types.Context:
+def prepare(
+    variables: Mapping[str, object], resolve: Optional[Callable[[str], object]] = None
+) -> _cel_types.Context:
     """
-    A context built once per evaluation round: several expressions evaluated
-    against the same variables (a condition and its claim expressions) share
-    the conversion cost.
+    A context built once and evaluated against many times: several
+    expressions evaluated against the same variables (a condition and its
+    claim expressions, the next exchanges of the same caller) share the
+    conversion cost.  ``resolve(name)`` is asked first for every variable an
+    expression reads, and ``None`` falls through to ``variables``: it gives
+    values that change between evaluations without converting the others
+    again (the package rebuilds its environment after any change to a
+    context's variables).
     """
-    return _cel.Context(dict(variables))
-
-
-def set_variable(prepared: object, name: str, value: object) -> None:
-    """Give one variable of a :func:`prepare` d context a new value, converting only that value."""
-    # ``object``: callers keep prepared contexts without naming the binding's type.
-    if not isinstance(prepared, _cel.Context):
-        raise TypeError(f"not a prepared context: {type(prepared).__name__}")
-    prepared.add_variable(name, value)
+    context = _cel.Context(dict(variables))
+    if resolve is not None:
+        context.set_variable_resolver(resolve)
+    return context
 
 
 def json_value(value: object) -> JSONValue:

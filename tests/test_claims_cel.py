@@ -439,6 +439,9 @@ def test_a_caller_without_a_clock_cannot_satisfy_an_expression_reading_now() -> 
         policy.mapping_terms(PARAMETERS, Resolution(mapping), request, "aud", CALLER)
     assert raised.value.log_fields["rule_outcome"] == "failed"
     assert policy.mapping_terms(PARAMETERS, Resolution(mapping), request, "aud", CALLER, now=NOW).audience == "aud"
+    # The activation kept for CALLER by that exchange lends its clock to no later exchange without one.
+    with pytest.raises(Refusal):
+        policy.mapping_terms(PARAMETERS, Resolution(mapping), request, "aud", CALLER)
 
 
 # -- the validators --------------------------------------------------------------------------
