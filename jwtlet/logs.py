@@ -34,6 +34,7 @@ from twisted.python.logfile import LogFile
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
+from jwtlet import jsonout
 from jwtlet.model import JSONObject, JSONValue
 
 _LEVELS = {
@@ -180,13 +181,9 @@ def _record(event: LogEvent) -> JSONObject:
     return record
 
 
-# Built once: ``json.dumps`` with options builds an encoder per call.
-_JSON_LINE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
 def to_json(event: LogEvent) -> str:
     """One log line as a JSON object."""
-    return _JSON_LINE.encode(_record(event))
+    return jsonout.text(_record(event))
 
 
 def _text_value(value: JSONValue) -> str:

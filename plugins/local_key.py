@@ -7,7 +7,6 @@ the head of ``key_files`` and dropping the old one once its tokens expired.
 from __future__ import annotations
 
 import functools
-import json
 from base64 import urlsafe_b64encode
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -17,12 +16,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from jwcrypto.jwk import JWK
+from nacl.signing import SigningKey
 from twisted.internet.defer import Deferred, succeed
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from jwtlet import keys
+from jwtlet import jsonout, keys
 from jwtlet.config.reader import SectionReader, as_bool, as_nonempty_str, as_str, as_str_list, one_of
 from jwtlet.interfaces import ISigner, ISignerFactory, PluginConfigError, PluginContext
 
@@ -34,9 +35,6 @@ _DIGESTS: Mapping[str, Callable[[], hashes.HashAlgorithm]] = {
     "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512,
 }
 
-# Token parts are compact JSON; NaN and infinities are not JSON, so a claim
-# holding one fails the signing instead of making a token verifiers refuse.
-_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def raw_signer(key: JWK, algorithm: str) -> RawSign:
@@ -48,7 +46,7 @@ def raw_signer(key: JWK, algorithm: str) -> RawSign:
     """
     private = key.get_op_key("sign")
     if algorithm == "EdDSA" and isinstance(private, Ed25519PrivateKey):
-        return private.sign
+        return _ed25519(private)
     digest = _DIGESTS[algorithm[2:]]()
     if algorithm.startswith("ES") and isinstance(private, ec.EllipticCurvePrivateKey):
         return functools.partial(_ecdsa, private, ec.ECDSA(digest), (private.curve.key_size + 7) // 8)
@@ -59,6 +57,17 @@ def raw_signer(key: JWK, algorithm: str) -> RawSign:
         pss = padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size)
         return functools.partial(private.sign, padding=pss, algorithm=digest)
     raise ValueError(f"{algorithm} cannot sign with a {key.get('kty')} key")
+
+
+def _ed25519(private: Ed25519PrivateKey) -> RawSign:
+    """
+    Ed25519 through libsodium (PyNaCl): about 20 µs a signature here against
+    32 µs through OpenSSL, the largest single step of a local-key exchange.
+    Ed25519 signatures are deterministic, so the bytes are the same.
+    """
+    seed = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    signing_key = SigningKey(seed)
+    return lambda data: signing_key.sign(data).signature
 
 
 def _ecdsa(private: ec.EllipticCurvePrivateKey, scheme: ec.ECDSA, size: int, data: bytes) -> bytes:
@@ -87,14 +96,15 @@ class LocalKeySigner:
     _last_header: tuple[dict[str, Any], bytes] = attrs.field(init=False, repr=False, factory=lambda: ({}, b""))
 
     def sign(self, header: dict[str, Any], claims: dict[str, Any]) -> Deferred[str]:
-        signing_input = self._protected(header) + b"." + _b64(_JSON.encode(claims).encode("utf-8"))
+        # NaN and infinities are not JSON: a claim holding one fails the
+        # signing instead of making a token verifiers refuse.
+        signing_input = self._protected(header) + b"." + _b64(jsonout.dumps_finite(claims))
         return succeed((signing_input + b"." + _b64(self._raw_sign(signing_input))).decode("ascii"))
 
     def _protected(self, header: dict[str, Any]) -> bytes:
         last, encoded = self._last_header
         if header != last or not encoded:
-            protected = _JSON.encode(dict(header, alg=self.algorithm, kid=self.signing_key.get("kid")))
-            encoded = _b64(protected.encode("utf-8"))
+            encoded = _b64(jsonout.dumps_finite(dict(header, alg=self.algorithm, kid=self.signing_key.get("kid"))))
             # One assignment: a header never meets another header's encoding.
             self._last_header = (dict(header), encoded)
         return encoded

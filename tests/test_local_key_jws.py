@@ -6,6 +6,7 @@ algorithm a key can sign with verifies with three independent JOSE libraries
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import types
@@ -108,6 +109,25 @@ def test_a_claim_that_is_not_json_fails_the_signing_instead_of_making_a_token(tm
     signer = build(tmp_path, key_for("EdDSA"))
     with pytest.raises(ValueError):
         signer.sign({"typ": "JWT"}, dict(CLAIMS, bad=value))
+
+
+def test_libsodium_signs_ed25519_with_the_same_bytes_as_openssl() -> None:
+    """Ed25519 is deterministic: the libsodium signature is OpenSSL's, byte for byte, and verifies with it."""
+    key = key_for("EdDSA")
+    private = key.get_op_key("sign")
+    for data in (b"", b"header.payload", bytes(range(256)) * 4):
+        signature = raw_signer(key, "EdDSA")(data)
+        assert signature == private.sign(data)
+        private.public_key().verify(signature, data)
+
+
+def test_claims_are_compact_utf8_json_in_the_order_given(tmp_path: Path) -> None:
+    signer = build(tmp_path, key_for("EdDSA"))
+    token = signer.sign({"typ": "JWT"}, dict(CLAIMS, huge=2**70)).result  # type: ignore[attr-defined]
+    payload = base64.urlsafe_b64decode(token.split(".")[1] + "==")
+    assert payload.startswith(b'{"iss":"https://jwtlet.test","sub":')
+    assert "ünïcode ☃".encode() in payload, "non-ASCII is written as UTF-8, not escaped"
+    assert json.loads(payload) == dict(CLAIMS, huge=2**70), "an integer beyond 64 bits is still written"
 
 
 def test_ecdsa_r_and_s_are_left_padded_to_the_curve_size() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from apps import ADMIN, CLIENT_AUDIENCE, WORKLOAD, Apps, Reply, call, make_apps
 
 from jwtlet import policy
+from jwtlet.exchange.pipeline import new_token_id
 from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.model import ResourceMapping, ScopeMapping
 from jwtlet.testing.fakes import service_account
@@ -99,6 +101,13 @@ def test_several_audiences_make_an_array(apps: Apps) -> None:
     reply = exchange(apps, audience=["edc", "default-aud"])
     claims = pyjwt.decode(reply.json()["access_token"], options={"verify_signature": False})
     assert claims["aud"] == ["edc", "default-aud"]
+
+
+def test_a_token_id_is_a_version_4_uuid_in_its_usual_form() -> None:
+    for _ in range(200):
+        token_id = new_token_id()
+        parsed = uuid.UUID(token_id)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, token_id)
 
 
 def test_each_jti_is_fresh(apps: Apps) -> None:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from typing import Mapping, Optional
 
 from twisted.web.iweb import IRequest
 
+from jwtlet import jsonout
 from jwtlet.model import JSONValue
 
 JSON = "application/json"
 #: Token responses and token errors must never be cached (RFC 6749 §5.1).
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-# Built once: ``json.dumps`` with options builds an encoder per call.
-_JSON_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def json_response(
@@ -23,7 +21,7 @@ def json_response(
     headers: Optional[Mapping[str, str]] = None,
 ) -> bytes:
     """Set status, ``Content-Type``, ``Content-Length`` and extra headers; return the encoded body."""
-    encoded = _JSON_BODY.encode(body).encode("utf-8")
+    encoded = jsonout.dumps(body)
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", JSON.encode())
     # A known length spares Twisted's chunked framing of every response.
