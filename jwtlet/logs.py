@@ -21,12 +21,10 @@ from typing import IO, Callable, Mapping, Optional, Protocol, cast
 
 import attrs
 from twisted.logger import (
-    FilteringLogObserver,
     ILogObserver,
     LogEvent,
     Logger,
     LogLevel,
-    LogLevelFilterPredicate,
     formatEvent,
 )
 from twisted.python.components import Componentized
@@ -214,7 +212,7 @@ def to_text(event: LogEvent) -> str:
 @attrs.define
 class LineObserver:
     """
-    Writes one line per event, as ``render`` makes it.  With a ``reactor``,
+    Writes one line per event at ``level`` or above, as ``render`` makes it.  With a ``reactor``,
     lines logged in the reactor thread are written together once per reactor
     turn (one write and flush for all the lines of a busy turn instead of one
     per line); lines from other threads, and every line once the reactor
@@ -224,10 +222,19 @@ class LineObserver:
     stream: IO[str]
     reactor: Optional[ReactorLoop] = None
     render: Callable[[LogEvent], str] = to_json
+    #: The least severe level written.
+    level: LogLevel = LogLevel.debug
     _pending: list[str] = attrs.field(factory=list)
     _scheduled: bool = False
 
     def __call__(self, event: LogEvent) -> None:
+        # The level check of Twisted's LogLevelFilterPredicate in one
+        # comparison: one level for every namespace is all the config sets,
+        # and the filtering observer's machinery was a visible part of the
+        # audit line every exchange writes.
+        level = event.get("log_level")
+        if level is None or level < self.level:
+            return
         line = self.render(event) + "\n"
         if self.reactor is None or not self.reactor.running or not isInIOThread():
             self.stream.write(line)
@@ -258,10 +265,12 @@ def observer(settings: LogSettings, reactor: Optional[ReactorLoop] = None) -> IL
         from twisted.internet import reactor as default_reactor
 
         reactor = cast(ReactorLoop, default_reactor)
-    lines = LineObserver(_stream(settings.logfile), reactor, to_json if settings.format == "json" else to_text)
+    lines = LineObserver(
+        _stream(settings.logfile), reactor, to_json if settings.format == "json" else to_text,
+        level=_LEVELS.get(settings.level.lower(), LogLevel.info),
+    )
     reactor.addSystemEventTrigger("after", "shutdown", lines.flush)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS.get(settings.level.lower(), LogLevel.info))
-    return FilteringLogObserver(lines, [predicate])
+    return lines
 
 
 def install(application: Componentized, settings: LogSettings, reactor: Optional[ReactorLoop] = None) -> None:

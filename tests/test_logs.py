@@ -127,3 +127,14 @@ def test_two_daemons_in_one_process_log_with_their_own_settings(tmp_path: Path) 
         application.getComponent(ILogObserver)(audit_event(actor="admin", clientIdentifier="c", outcome="success"))
     assert json.loads((tmp_path / "a.log").read_text())["actor"] == "admin"
     assert " mapping.created actor=admin " in (tmp_path / "b.log").read_text()
+
+
+def test_the_configured_level_drops_less_severe_events(tmp_path: Path) -> None:
+    stopped = Reactor()
+    stopped.running = False  # lines are written at once
+    observe = observer(LogSettings(level="warn", logfile=str(tmp_path / "log")), stopped)
+    for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error):
+        observe({"log_level": level, "log_namespace": "jwtlet", "jwtlet_event": level.name, "log_time": 0})
+    observe({"log_namespace": "jwtlet", "jwtlet_event": "no level", "log_time": 0})
+    written = [json.loads(line)["event"] for line in (tmp_path / "log").read_text().splitlines()]
+    assert written == ["warn", "error"]

@@ -95,6 +95,28 @@ def test_a_prompt_request_is_served_and_the_deadline_cleared() -> None:
     assert b"408" not in transport.value()
 
 
+class CountingHostTransport(HalfClosingTransport):
+    """Counts how often the connection's own address is asked for (a getsockname call on a TCP transport)."""
+
+    host_asked = 0
+
+    def getHost(self) -> IPv4Address:  # noqa: N802 - Twisted's name
+        self.host_asked += 1
+        return IPv4Address("TCP", "127.0.0.1", 8080)
+
+
+def test_a_connection_asks_its_own_address_once_for_all_its_requests() -> None:
+    transport = CountingHostTransport()
+    channel, _ = connect(Clock(), transport=transport)
+    site = channel.site
+    hosts = []
+    site.resource.render = lambda request: hosts.append(request.getHost()) or b"hello"
+    for _ in range(3):
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [host.port for host in hosts] == [8080, 8080, 8080]
+    assert transport.host_asked == 1
+
+
 class Held(Resource):
     """Keeps every request open until the test finishes it, as a slow exchange would."""
 

@@ -123,10 +123,18 @@ class DeadlineHTTPChannel(HTTPChannel):
     site: DrainingSite
     _deadline: Optional[IDelayedCall] = None
     _linger: Optional[IDelayedCall] = None
+    _local_address: Optional[IAddress] = None
 
     def connectionMade(self) -> None:
         self.site.connection_opened()
         super().connectionMade()
+
+    def getHost(self) -> IAddress:  # noqa: N802 - Twisted's name
+        # Every request asks (Request.__init__), and Twisted's TCP transport
+        # asks the kernel each time; a connection's own address never changes.
+        if self._local_address is None:
+            self._local_address = super().getHost()
+        return self._local_address
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
