@@ -81,6 +81,8 @@ class Expression:
 
     source: str
     program: _cel_types.Program = attrs.field(eq=False, repr=False)
+    #: The top-level variables it reads (a macro's loop variable included).
+    variables: frozenset[str] = attrs.field(default=frozenset(), eq=False, repr=False)
 
 
 def compile_expression(source: object, variables: frozenset[str]) -> Expression:
@@ -100,12 +102,13 @@ def compile_expression(source: object, variables: frozenset[str]) -> Expression:
     except Exception as error:  # the binding raises ValueError, but a parser bug must not escape as a 500
         raise CelCompileError(_first_line(str(error))) from None
     bound = set(_MACRO_BINDING.findall(source))
-    unknown = sorted(set(program.variables()) - variables - bound)
+    read = frozenset(program.variables())
+    unknown = sorted(read - variables - bound)
     if unknown:
         raise CelCompileError(
             f"undeclared reference to '{unknown[0]}' (known: {', '.join(sorted(variables))})"
         )
-    return Expression(source=source, program=program)
+    return Expression(source=source, program=program, variables=read)
 
 
 def evaluate(expression: Expression, activation: object) -> JSONValue:

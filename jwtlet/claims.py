@@ -197,6 +197,10 @@ class _Prepared:
     subject: Identity
     activation: object
     clock: _Clock
+    #: Values already computed here, by source, of expressions that do not
+    #: read ``now``: evaluation is pure and nothing else in the activation
+    #: changes, so such a value is the same at every exchange of this caller.
+    known: dict[str, JSONValue] = attrs.field(factory=dict)
 
 
 # Handing values to the CEL package costs microseconds per value, and a
@@ -205,6 +209,12 @@ class _Prepared:
 # set again.  An exchange sets the clock and evaluates without yielding, so
 # no other exchange sees the activation in between.
 _prepared: LRUCache[_PreparedKey, _Prepared] = LRUCache(PREPARED_CALLERS)
+
+#: Values kept per caller: far more than the expressions of one mapping and
+#: its scopes; past it (a mapping rewritten again and again) nothing more is kept.
+KNOWN_VALUES = 64
+
+_UNKNOWN = object()
 
 
 @attrs.define
@@ -219,23 +229,50 @@ class Caller:
     scopes: Sequence[str]
     audiences: Sequence[str]
     now: Optional[float]
-    _activation: Optional[object] = attrs.field(default=None, init=False)
+
+    _prepared: Optional[_Prepared] = attrs.field(default=None, init=False)
 
     def activation(self) -> object:
-        if self._activation is None:
-            self._activation = self._prepare()
-        return self._activation
+        return self._prepare().activation
 
-    def _prepare(self) -> object:
-        key = (id(self.subject), self.resource, tuple(self.scopes), tuple(self.audiences))
-        kept = _prepared.get(key)
-        if kept is None or kept.subject is not self.subject:
-            clock = _Clock()
-            activation = cel.prepare(
-                variables(self.subject, self.resource, self.scopes, self.audiences, None), clock.resolve)
-            kept = _prepared[key] = _Prepared(self.subject, activation, clock)
-        kept.clock.seconds = self.now
-        return kept.activation
+    def value(self, rule: str, source: str) -> JSONValue:
+        """
+        What the expression ``source`` gives this caller, or
+        :class:`RuleFailed` naming ``rule``.  A scalar value of an expression
+        that does not read ``now`` is kept with the caller's activation and
+        not computed again.
+        """
+        prepared = self._prepare()
+        known = prepared.known.get(source, _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known  # type: ignore[return-value]  # only JSON values are kept
+        program = _program(rule, source)
+        try:
+            value = cel.evaluate(program, prepared.activation)
+        except CelEvaluationError:
+            raise RuleFailed(rule, "failed") from None
+        if "now" not in program.variables and _scalar(value) and len(prepared.known) < KNOWN_VALUES:
+            prepared.known[source] = value
+        return value
+
+    def _prepare(self) -> _Prepared:
+        if self._prepared is None:
+            key = (id(self.subject), self.resource, tuple(self.scopes), tuple(self.audiences))
+            kept = _prepared.get(key)
+            if kept is None or kept.subject is not self.subject:
+                clock = _Clock()
+                activation = cel.prepare(
+                    variables(self.subject, self.resource, self.scopes, self.audiences, None), clock.resolve)
+                kept = _prepared[key] = _Prepared(self.subject, activation, clock)
+            kept.clock.seconds = self.now
+            self._prepared = kept
+        return self._prepared
+
+
+def _scalar(value: JSONValue) -> bool:
+    # Lists and objects are not kept: the claims of a token must never share
+    # a value another token's claims could change.
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 # -- evaluating ---------------------------------------------------------------------
@@ -252,11 +289,9 @@ def require_condition(mapping: ResourceMapping, caller: Caller) -> None:
     """The mapping applies only when its condition is ``true``; else :class:`RuleFailed`."""
     if mapping.condition is None:
         return
-    program = _program("condition", mapping.condition)
-    try:
-        holds = cel.evaluate_bool(program, caller.activation())
-    except CelEvaluationError:
-        raise RuleFailed("condition", "failed") from None
+    holds = caller.value("condition", mapping.condition)
+    if not isinstance(holds, bool):
+        raise RuleFailed("condition", "failed")
     if not holds:
         raise RuleFailed("condition", "false")
 
@@ -272,12 +307,7 @@ def evaluate_claims(
     for name in sorted(expressions):
         if name in reserved:
             continue
-        named = f"{rule}.{name}"
-        program = _program(named, expressions[name])
-        try:
-            claims[name] = cel.evaluate(program, caller.activation())
-        except CelEvaluationError:
-            raise RuleFailed(named, "failed") from None
+        claims[name] = caller.value(f"{rule}.{name}", expressions[name])
     return claims
 
 

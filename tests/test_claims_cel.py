@@ -76,7 +76,7 @@ def refusals() -> Iterator[list[dict[str, Any]]]:
 
 @pytest.fixture
 def compilations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Every CEL compilation, by source, from an empty program cache."""
+    """Every CEL compilation, by source, from an empty program cache and no caller kept."""
     sources: list[str] = []
     real = cel.compile_expression
 
@@ -85,6 +85,7 @@ def compilations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         return real(source, variables)
 
     claims.compiled.cache_clear()
+    claims._prepared.clear()
     monkeypatch.setattr(cel, "compile_expression", counting)
     yield sources
     claims.compiled.cache_clear()
@@ -442,6 +443,69 @@ def test_a_caller_without_a_clock_cannot_satisfy_an_expression_reading_now() -> 
     # The activation kept for CALLER by that exchange lends its clock to no later exchange without one.
     with pytest.raises(Refusal):
         policy.mapping_terms(PARAMETERS, Resolution(mapping), request, "aud", CALLER)
+
+
+def counted_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    evaluated: list[str] = []
+    real = cel.evaluate
+
+    def counting(expression: cel.Expression, activation: object) -> Any:
+        evaluated.append(expression.source)
+        return real(expression, activation)
+
+    monkeypatch.setattr(cel, "evaluate", counting)
+    return evaluated
+
+
+def terms_for(mapping: ResourceMapping, subject: Identity, now: float = NOW) -> policy.Terms:
+    request = policy.parse_token_request({"grant_type": [policy.GRANT_TYPE_TOKEN_EXCHANGE],
+                                          "subject_token": ["t"], "resource": [mapping.participant_context]})
+    return policy.mapping_terms(PARAMETERS, Resolution(mapping), request, "aud", subject, now=now)
+
+
+def test_a_callers_values_of_expressions_not_reading_now_are_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluated = counted_evaluations(monkeypatch)
+    subject = attrs.evolve(CALLER)  # a caller no other test has kept
+    mapping = ResourceMapping("c", "memo", condition="subject.namespace != ''",
+                              claim_expressions={"ns": "subject.namespace", "at": "string(now)"})
+    first = terms_for(mapping, subject)
+    second = terms_for(mapping, subject, now=NOW + 61)
+    assert sorted(evaluated) == sorted(["subject.namespace != ''", "subject.namespace", "string(now)", "string(now)"])
+    assert first.claims["ns"] == second.claims["ns"] == subject.namespace
+    assert first.claims["at"] != second.claims["at"], "an expression reading now is evaluated at every exchange"
+    terms_for(mapping, attrs.evolve(CALLER))
+    assert len(evaluated) == 7, "another identity object (a token validated again) computes its own"
+
+
+def test_lists_and_maps_are_computed_for_every_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No two tokens' claims share a list or a map one of them could change."""
+    evaluated = counted_evaluations(monkeypatch)
+    subject = attrs.evolve(CALLER)
+    mapping = ResourceMapping("c", "memo", claim_expressions={"scopes": "request.scopes", "m": "{'a': 1}"})
+    first, second = terms_for(mapping, subject), terms_for(mapping, subject)
+    assert len(evaluated) == 4
+    assert first.claims == second.claims
+    assert first.claims["scopes"] is not second.claims["scopes"] and first.claims["m"] is not second.claims["m"]
+
+
+def test_a_failed_evaluation_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluated = counted_evaluations(monkeypatch)
+    subject = attrs.evolve(CALLER)
+    mapping = ResourceMapping("c", "memo", condition="subject.claims.missing == 'x'")
+    for _ in range(2):
+        with pytest.raises(Refusal) as raised:
+            terms_for(mapping, subject)
+        assert raised.value.log_fields["rule_outcome"] == "failed"
+    assert len(evaluated) == 2
+
+
+def test_a_caller_keeps_a_bounded_number_of_values() -> None:
+    subject = attrs.evolve(CALLER)
+    for index in range(claims.KNOWN_VALUES + 10):
+        terms_for(ResourceMapping("c", "memo", claim_expressions={"n": f"{index}"}), subject)
+    kept = claims.Caller(subject, "memo", (), (), NOW)
+    kept.activation()
+    assert len(kept._prepare().known) == claims.KNOWN_VALUES
 
 
 # -- the validators --------------------------------------------------------------------------
