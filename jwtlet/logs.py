@@ -173,9 +173,9 @@ def _record(event: LogEvent) -> JSONObject:
         record["error_type"] = getattr(failure.type, "__name__", str(failure.type))
         record["error"] = str(failure.value)[:500]
     for key, value in event.items():
-        if key.startswith("log_") or key in _NOT_FIELDS:
+        if key in _NOT_FIELDS or key.startswith("log_"):
             continue
-        record[key] = _plain(value)
+        record[key] = value if type(value) is str else _plain(value)
     return record
 
 

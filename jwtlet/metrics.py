@@ -27,6 +27,7 @@ class Metrics:
     ext_authz_checks: Counter = attrs.field(init=False)
     ext_authz_cache_hits: Counter = attrs.field(init=False)
     trace_spans_dropped: Counter = attrs.field(init=False)
+    _exchange_children: dict[tuple[str, str], Counter] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         registry = self.registry
@@ -65,6 +66,15 @@ class Metrics:
             "jwtlet_trace_spans_dropped", "Spans never delivered to the collector (queue full, export failed).",
             ["reason"], registry=registry,
         )
+
+    def count_exchange(self, outcome: str, error: str) -> None:
+        """One decision in ``jwtlet_exchanges_total``."""
+        # The label pairs are a handful (outcomes times error codes); finding
+        # a child through labels() normalises and locks on every exchange.
+        child = self._exchange_children.get((outcome, error))
+        if child is None:
+            child = self._exchange_children[(outcome, error)] = self.exchanges.labels(outcome, error)
+        child.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -84,15 +84,31 @@ def test_a_client_trickling_bytes_is_cut_off_at_the_deadline() -> None:
     assert transport.disconnecting
 
 
-def test_a_prompt_request_is_served_and_the_deadline_cleared() -> None:
+def test_a_prompt_request_is_served_and_its_deadline_closes_nothing() -> None:
     clock = Clock()
     channel, transport = connect(clock)
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b"200 OK" in transport.value() and transport.value().endswith(b"hello")
-    assert not [call for call in clock.getDelayedCalls() if call.active() and
-                call.getTime() == REQUEST_DEADLINE_SECS]
     clock.advance(REQUEST_DEADLINE_SECS + 1)
     assert b"408" not in transport.value()
+    assert not transport.disconnecting, "an idle kept-alive connection is the idle timeout's to close"
+
+
+def test_each_request_on_a_kept_alive_connection_gets_the_whole_deadline() -> None:
+    """One timer serves the connection: moved on when a request starts, it still cuts off the slow one."""
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    clock.advance(REQUEST_DEADLINE_SECS - 1)
+    channel.dataReceived(b"GET / HTTP/1.1\r\n")  # the second request starts just before the first's deadline
+    clock.advance(REQUEST_DEADLINE_SECS - 1)
+    assert b"408" not in transport.value(), "the second request has its own 30 s"
+    channel.dataReceived(b"Host: x\r\n\r\n")
+    assert transport.value().count(b"200 OK") == 2
+    channel.dataReceived(b"GET / HTTP/1.1\r\n")  # a third, which never ends
+    clock.advance(REQUEST_DEADLINE_SECS)
+    assert b"408 Request Timeout" in transport.value() and transport.disconnecting
+    assert len([call for call in clock.getDelayedCalls() if call.active()]) <= 2, "no timer piles up per request"
 
 
 class CountingHostTransport(HalfClosingTransport):

@@ -179,7 +179,7 @@ class MappingGrant:
             raise policy.invalid_grant()
 
     def count(self, request: ExchangeRequest, outcome: str, error: str) -> None:
-        self.metrics.exchanges.labels(outcome, error).inc()
+        self.metrics.count_exchange(outcome, error)
 
 
 @attrs.frozen
