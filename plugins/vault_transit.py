@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import attrs
-from jwcrypto.common import JWException, base64url_encode, json_encode
+from jwcrypto.common import JWException, base64url_encode
 from jwcrypto.jwk import JWK
 from twisted.application.service import IService, Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from jwtlet import jsonout
 from jwtlet.config.reader import https_url
 from jwtlet.interfaces import (
     DependencyUnavailable,
@@ -444,7 +445,9 @@ class VaultTransitSigner(Service):
         if version is None:
             raise DependencyUnavailable("no transit key version may sign yet")
         protected = dict(header, alg=self.algorithm, kid=self.kid(version.version))
-        signing_input = f"{base64url_encode(json_encode(protected))}.{base64url_encode(json_encode(claims))}"
+        # Compact UTF-8 JSON as the local-key signer writes it; NaN fails here, not at a verifier.
+        encoded = (base64url_encode(jsonout.dumps_finite(part)) for part in (protected, claims))
+        signing_input = ".".join(encoded)
         signature = await self._signature(version.version, signing_input)
         return f"{signing_input}.{signature}"
 

@@ -8,6 +8,7 @@ batched into one transit request.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -56,6 +57,22 @@ async def test_every_key_type_conforms(tmp_path: Path, vault: RunningVault, key_
         assert {pyjwt.get_unverified_header(t)["kid"] for t in tokens} == {"jwt-1"}
         assert vault.fake.keys["jwt"].type == key_type, "created on 404 with the configured type"
         assert vault.fake.last_sign_request["key_version"] == 1, "key_version is always sent"
+    finally:
+        await stopped(signer)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest_twisted.ensureDeferred
+async def test_a_claim_that_is_not_json_fails_before_vault_is_asked(tmp_path: Path, vault: RunningVault,
+                                                                     value: float) -> None:
+    """NaN and Infinity are not JSON: a verifier would refuse the token, so Vault never signs it."""
+    signer = build_signer(tmp_path, vault)
+    try:
+        await signer.sign({"typ": "JWT"}, {"sub": "s"})
+        signed = vault.fake.last_sign_request
+        with pytest.raises(ValueError):
+            await signer.sign({"typ": "JWT"}, {"sub": "s", "bad": value})
+        assert vault.fake.last_sign_request is signed, "no sign request went out"
     finally:
         await stopped(signer)
 
