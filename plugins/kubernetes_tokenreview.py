@@ -153,6 +153,17 @@ def _timeout(value: float) -> Optional[str]:
     return None if 0 < value <= 60 else "must be between 0 and 60"
 
 
+def _fails_check(path: Optional[str], context: Optional[str]) -> bool:
+    """Whether the k8s table's kubeconfig fails the check the core config runs on it."""
+    if path is None:
+        return False
+    try:
+        kubeconfig.check(path, context)
+    except kubeconfig.KubeconfigError:
+        return True
+    return False
+
+
 def _cache_ttl(value: float) -> Optional[str]:
     return None if 0 <= value <= MAX_CACHE_TTL_SECS else f"must be between 0 and {MAX_CACHE_TTL_SECS:g}"
 
@@ -187,7 +198,10 @@ class TokenReviewValidatorFactory:
                 cluster = kubeconfig.resolve((own, k8s.access(), kubeconfig.IN_CLUSTER),
                                              cast(IReactorProcess, context.reactor), context.clock)
             except kubeconfig.KubeconfigError as error:
-                section.problem("kubeconfig", str(error))
+                # The k8s table's kubeconfig is checked where that table is
+                # read; a problem it reports there is not said twice.
+                if error.layer is own or not _fails_check(k8s.kubeconfig, k8s.context):
+                    section.problem("kubeconfig", str(error))
         if cluster is not None and not cluster.url:
             section.problem("api_server_url", "required (an https URL; k8s.api_server_url is the default)")
         timeout = section.get("timeout_secs", as_number, 5.0, check=_timeout)

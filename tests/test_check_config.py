@@ -190,6 +190,29 @@ def test_a_tokenreview_validator_without_an_api_server_is_listed_with_the_rest(
     assert lines[1].startswith("validator.api_server_url: required"), lines
 
 
+def test_a_broken_k8s_kubeconfig_is_listed_once_where_it_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The TokenReview validator falls back to the k8s table's kubeconfig; its problem is said once, as k8s's."""
+    broken = tmp_path / "broken.kubeconfig"
+    broken.write_text("not: [yaml")
+    path = write(tmp_path, validator={"type": "kubernetes-tokenreview"}, k8s={"kubeconfig": str(broken)})
+    status, lines = check(capsys, "--config", str(path))
+    assert status == 1
+    assert [line for line in lines if "kubeconfig" in line] == [f"k8s.kubeconfig: {broken}: not YAML"]
+
+
+def test_a_broken_validator_kubeconfig_is_listed_as_the_validators(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.kubeconfig"
+    broken.write_text("not: [yaml")
+    path = write(tmp_path, validator={"type": "kubernetes-tokenreview", "kubeconfig": str(broken)})
+    status, lines = check(capsys, "--config", str(path))
+    assert status == 1
+    assert [line for line in lines if "kubeconfig" in line] == [f"validator.kubeconfig: {broken}: not YAML"]
+
+
 def test_a_plugins_http_api_server_is_listed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A TokenReview URL sending our service-account token in clear to a remote host is refused, at every place."""
     path = write(

@@ -63,6 +63,9 @@ _REFUSED_USER_KEYS = {
 class KubeconfigError(ValueError):
     """A kubeconfig that cannot be used: unreadable, no such context, a part missing or refused."""
 
+    #: The layer of :func:`resolve` whose kubeconfig it is (``None`` elsewhere).
+    layer: Optional[ClusterAccess] = None
+
 
 class UnknownContext(KubeconfigError):
     """The context asked for (or ``current-context``) is not in the file."""
@@ -379,7 +382,9 @@ def resolve(layers: Sequence[ClusterAccess], processes: IReactorProcess, clock: 
             try:
                 parts = _kubeconfig_parts(parts, load(layer.kubeconfig, layer.context), processes, clock)
             except KubeconfigError as error:
-                raise KubeconfigError(f"{layer.kubeconfig}: {error}") from None
+                failed = KubeconfigError(f"{layer.kubeconfig}: {error}")
+                failed.layer = layer
+                raise failed from None
     credential = parts.credential or NoToken()
     ca = parts.ca
     if not parts.from_kubeconfig:
