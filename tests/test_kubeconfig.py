@@ -377,7 +377,7 @@ async def test_a_failing_exec_plugin_is_a_dependency_down_that_quotes_nothing_it
 @pytest_twisted.ensureDeferred
 async def test_a_hanging_exec_plugin_is_killed_at_its_timeout(tmp_path: Path, clock: Clock) -> None:
     script = tmp_path / "hangs.py"
-    script.write_text("import time\ntime.sleep(600)\n")
+    script.write_text("import signal\nsignal.pause()\n")  # waits for a signal that only the kill sends
     config = write_kubeconfig(tmp_path, kubeconfig_document("https://api", {"exec": {
         "apiVersion": V1, "command": sys.executable, "args": [str(script)]}}))
     cluster = kubeconfig.resolve([ClusterAccess(kubeconfig=config)], reactor, clock)

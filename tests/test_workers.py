@@ -11,8 +11,10 @@ reactor.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import select
 import signal
 import socket
 import time
@@ -21,7 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import attrs
 import pytest
@@ -283,20 +285,38 @@ def ready_workers(daemon: DaemonProcess) -> dict[int, int]:
     return {event["slot"]: event["pid"] for event in daemon.events() if event.get("event") == "worker.ready"}
 
 
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``check`` until true (bounded); the seconds it took."""
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, what
-        time.sleep(0.05)
-    return time.monotonic() - started
+def wait_two_workers_ready(daemon: DaemonProcess) -> None:
+    for _ in range(2):
+        daemon.wait_event("worker.ready", timeout=60)
+
+
+def wait_exited(pids: set[int], timeout: float) -> set[int]:
+    """Wait (bounded) until every process in ``pids`` has exited; those that have not."""
+    handles = {}
+    for pid in pids:
+        try:
+            handles[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            continue  # gone already
+    deadline = time.monotonic() + timeout
+    try:
+        while handles and time.monotonic() < deadline:
+            # A process's pidfd becomes readable when it exits.
+            exited, _, _ = select.select(list(handles), [], [], deadline - time.monotonic())
+            for handle in exited:
+                os.close(handle)
+                del handles[handle]
+        return set(handles.values())
+    finally:
+        for handle in handles:
+            os.close(handle)
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     process = DaemonProcess.start(["--config", str(write_config(tmp_path, sqlite_storage(tmp_path)))], cwd=tmp_path)
     try:
-        eventually(lambda: len(ready_workers(process)) == 2, 60, f"two workers ready: {process.output()}")
+        wait_two_workers_ready(process)
         process.wait_listening()
         yield process
     finally:
@@ -319,21 +339,26 @@ def test_sigterm_to_the_supervisor_stops_every_worker_within_10s(daemon: DaemonP
 def test_sigkill_to_the_supervisor_kills_every_worker(daemon: DaemonProcess) -> None:
     """The supervisor gets no chance to stop anything: the kernel's parent-death signal must."""
     parent = daemon.process.pid
-    assert len(worker_pids(parent)) == 2
+    running = worker_pids(parent)
+    assert len(running) == 2
     daemon.stop(signal.SIGKILL)
-    eventually(lambda: not worker_pids(parent), 5, "a worker outlived a supervisor killed with SIGKILL")
+    assert wait_exited(running, 5) == set(), "a worker outlived a supervisor killed with SIGKILL"
+    assert worker_pids(parent) == set()
 
 
 @pytest_slow
 def test_a_killed_worker_is_replaced_within_5s_and_the_port_keeps_answering(daemon: DaemonProcess) -> None:
     before = ready_workers(daemon)
     os.kill(before[1], signal.SIGKILL)
-    started = time.monotonic()
     codes = []
-    while ready_workers(daemon).get(1) == before[1]:
-        assert time.monotonic() - started < 5, f"worker not replaced within 5 s: {daemon.output()}"
-        codes.append(request("GET", f"{daemon.token_url}/health"))
-        time.sleep(0.05)  # leave the cores to the starting worker
+    with concurrent.futures.ThreadPoolExecutor(1) as waiting:
+        replaced = waiting.submit(daemon.wait_event, "worker.ready",
+                                  lambda event: event.get("slot") == 1 and event.get("pid") != before[1], 5)
+        while not replaced.done():
+            codes.append(request("GET", f"{daemon.token_url}/health"))
+            # Paced, to leave the cores to the starting worker; over as soon as it is ready.
+            concurrent.futures.wait([replaced], timeout=0.05)
+        replaced.result()  # the AssertionError of a worker not replaced within 5 s
     assert set(codes) == {200}, "the port stopped answering while a worker was replaced"
     assert worker_pids(daemon.process.pid) == set(ready_workers(daemon).values())
     assert request("GET", f"{daemon.token_url}/health") == 200
@@ -371,7 +396,7 @@ def test_a_change_through_one_worker_is_used_by_every_worker_within_1s_postgres(
     storage = {"type": "postgres", "url": postgres_url, "pool": {"max_connections": 4}}
     process = DaemonProcess.start(["--config", str(write_config(tmp_path, storage))], cwd=tmp_path)
     try:
-        eventually(lambda: len(ready_workers(process)) == 2, 60, f"two workers ready: {process.output()}")
+        wait_two_workers_ready(process)
         change_is_used_by_every_worker_within_a_second(process, tmp_path)
     finally:
         process.stop(signal.SIGTERM)

@@ -125,6 +125,21 @@ class DaemonProcess:
             if predicate(name, line):
                 return line
 
+    def wait_event(
+        self, name: str, where: Callable[[dict[str, Any]], bool] = lambda event: True, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Wait (bounded) for the next JSON log line whose ``event`` is ``name`` and that ``where`` accepts."""
+
+        def matches(stream: str, line: str) -> bool:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                return False
+            return isinstance(event, dict) and event.get("event") == name and where(event)
+
+        found: dict[str, Any] = json.loads(self.wait_for(matches, timeout))
+        return found
+
     def wait_listening(self, timeout: float = 30.0) -> None:
         """Wait (bounded) until both sites accept connections, whatever the log level."""
         deadline = time.monotonic() + timeout
