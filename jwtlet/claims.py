@@ -20,7 +20,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import attrs
 from cachetools import LRUCache
 
-from jwtlet import cel
+from jwtlet import cel, jsonout
 from jwtlet.cel import CelCompileError, CelEvaluationError, Expression
 from jwtlet.model import Identity, JSONObject, JSONValue, ResourceMapping, ScopeMapping
 
@@ -31,9 +31,11 @@ VARIABLES = frozenset({"subject", "request", "now"})
 #: real set of mappings; beyond it the least recently used is compiled again.
 COMPILED_EXPRESSIONS = 16_384
 
-#: Activations kept for callers seen again (the validators keep an identity
-#: while its token is cached, so a workload's next exchange finds its own).
-PREPARED_CALLERS = 10_000
+#: Memory for activations kept for callers seen again (the validators keep
+#: an identity while its token is cached, so a workload's next exchange finds
+#: its own): about 2,000 callers with a Kubernetes token's claims, fewer with
+#: larger ones; the least recently used goes first.
+PREPARED_BYTES = 32 * 1024 * 1024
 
 #: Where a mapping's own expressions are named in conflicts and logs.
 MAPPING_EXPRESSIONS = "claimExpressions"
@@ -197,6 +199,8 @@ class _Prepared:
     subject: Identity
     activation: object
     clock: _Clock
+    #: about the memory it holds, see :func:`_size`
+    size: int
     #: Values already computed here, by source, of expressions that do not
     #: read ``now``: evaluation is pure and nothing else in the activation
     #: changes, so such a value is the same at every exchange of this caller.
@@ -208,7 +212,16 @@ class _Prepared:
 # activation is kept per (identity object, request) and only the clock is
 # set again.  An exchange sets the clock and evaluates without yielding, so
 # no other exchange sees the activation in between.
-_prepared: LRUCache[_PreparedKey, _Prepared] = LRUCache(PREPARED_CALLERS)
+_prepared: LRUCache[_PreparedKey, _Prepared] = LRUCache(PREPARED_BYTES, getsizeof=lambda kept: kept.size)
+
+
+def _size(seen: Mapping[str, object]) -> int:
+    """
+    About the memory an activation holds once evaluated: the CEL package's
+    environment (~12 KiB) and the converted variables (a few times their
+    JSON).  Measured only when one is prepared, never on the hot path.
+    """
+    return 16 * 1024 + 4 * len(jsonout.text(seen))  # type: ignore[arg-type]  # the variables are JSON values
 
 #: Values kept per caller: far more than the expressions of one mapping and
 #: its scopes; past it (a mapping rewritten again and again) nothing more is kept.
@@ -229,11 +242,11 @@ class Caller:
     scopes: Sequence[str]
     audiences: Sequence[str]
     now: Optional[float]
+    #: Whether the activation may be kept for the caller's next exchanges
+    #: (not for an exchange already refused).
+    keep: bool = True
 
     _prepared: Optional[_Prepared] = attrs.field(default=None, init=False)
-
-    def activation(self) -> object:
-        return self._prepare().activation
 
     def value(self, rule: str, source: str) -> JSONValue:
         """
@@ -261,9 +274,10 @@ class Caller:
             kept = _prepared.get(key)
             if kept is None or kept.subject is not self.subject:
                 clock = _Clock()
-                activation = cel.prepare(
-                    variables(self.subject, self.resource, self.scopes, self.audiences, None), clock.resolve)
-                kept = _prepared[key] = _Prepared(self.subject, activation, clock)
+                seen = variables(self.subject, self.resource, self.scopes, self.audiences, None)
+                kept = _Prepared(self.subject, cel.prepare(seen, clock.resolve), clock, _size(seen))
+                if self.keep and kept.size <= PREPARED_BYTES:
+                    _prepared[key] = kept
             kept.clock.seconds = self.now
             self._prepared = kept
         return self._prepared

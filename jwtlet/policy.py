@@ -290,10 +290,20 @@ def mapping_terms(
     mapping = resolution.mapping
     check_scopes_allowed(mapping, request.scopes)
     reserved = reserved_claims(parameters.participant_context_claim)
-    caller = caller_claims.Caller(subject, request.resource, request.scopes, request.audiences, now)
+    # The audience is decided first but refused after the condition (the
+    # order clients see): a refused exchange keeps nothing of its caller, so
+    # audiences a client makes up cannot fill the prepared callers.
+    try:
+        audience = choose_audience(request.audiences, mapping.audiences, default_audience)
+        refused: Optional[Refusal] = None
+    except Refusal as refusal:
+        refused = refusal
+    caller = caller_claims.Caller(subject, request.resource, request.scopes, request.audiences, now,
+                                  keep=refused is None)
     try:
         caller_claims.require_condition(mapping, caller)
-        audience = choose_audience(request.audiences, mapping.audiences, default_audience)
+        if refused is not None:
+            raise refused
         layers = caller_claims.static_layers(request.scopes, resolution.scopes) + caller_claims.expression_layers(
             request.scopes, resolution.scopes, mapping, caller, reserved)
     except caller_claims.RuleFailed as failed:
