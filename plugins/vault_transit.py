@@ -44,7 +44,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from jwtlet import jsonout
+from jwtlet import jsonout, strictjson
 from jwtlet.config.reader import https_url
 from jwtlet.interfaces import (
     DependencyUnavailable,
@@ -358,7 +358,7 @@ class VaultTransitSigner(Service):
         if response.code == 503 or response.code == 429 or response.code >= 500:
             raise DependencyUnavailable(f"vault: HTTP {response.code}")
         try:
-            parsed = json.loads(content) if content else {}
+            parsed = strictjson.loads(content) if content else {}
         except ValueError:
             parsed = {}
         return response.code, parsed if isinstance(parsed, dict) else {}

@@ -89,7 +89,8 @@ def test_revocation_takes_effect_on_the_next_request(apps: Apps) -> None:
 
 def test_bad_bodies_profiles_and_methods(apps: Apps) -> None:
     # A present api_key that is not a string (null included) is a bad body; an absent one is a bad key.
-    for raw in (b"not json", b"[1,2]", b'"text"', b'{"api_key": 5}', b'{"api_key": null}', b"[[[[[[[[[["):
+    for raw in (b"not json", b"[1,2]", b'"text"', b'{"api_key": 5}', b'{"api_key": null}', b"[[[[[[[[[[",
+                b"[" * 30_000 + b"]" * 30_000, b'{"api_key": "a", "api_key": "b"}'):
         reply = v0(apps, "integration", None, raw=raw)
         assert (reply.code, reply.json()) == (400, {"error": "invalid request body"}), raw
     absent = v0(apps, "integration", {})

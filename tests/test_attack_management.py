@@ -305,3 +305,23 @@ def test_a_replay_inside_the_validators_leeway_after_exp_is_refused(tmp_path: Pa
     apps.clock.advance(75)
     replayed = call(apps.token, "POST", f"{URL}/token", data=form)
     assert (replayed.code, replayed.json()["error"]) == (400, "invalid_grant")
+
+
+# -- hostile JSON bodies ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"scope": "read", "claims": {"n": NaN}}',
+    b'{"scope": "read", "claims": {"n": 1e400}}',
+    b'{"scope": "read", "scope": "admin", "claims": {}}',
+    b'{"scope": "read", "claims": {"n": "\\ud800"}}',
+    b'{"scope": "read", "claims": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+], ids=["nan", "beyond-a-double", "duplicate-member", "lone-surrogate", "nested-30000-deep"])
+def test_a_scope_written_with_json_no_writer_could_write_back_is_refused_and_nothing_is_stored(
+    apps: Apps, raw: bytes
+) -> None:
+    """Stored, such a scope would break every exchange asking for it (the token's claims cannot be written)."""
+    reply = call(apps.management, "POST", f"{URL}/api/v1/scopes", data=raw,
+                 headers={"Authorization": "Bearer token-admin", "Content-Type": "application/json"})
+    assert (reply.code, reply.json()) == (400, {"error": "malformed JSON"})
+    assert api(apps, "GET", "/scopes").json() == []

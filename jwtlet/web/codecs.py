@@ -6,10 +6,9 @@ objects and rendering model objects, with the identifier rules of
 
 from __future__ import annotations
 
-import json
 from typing import Callable, Mapping, Optional
 
-from jwtlet import claims
+from jwtlet import claims, strictjson
 from jwtlet.model import ApiKeyRecord, Integration, JSONObject, JSONValue, ResourceMapping, ScopeMapping
 
 MAX_IDENTIFIER = 1024
@@ -17,8 +16,8 @@ MAX_IDENTIFIER = 1024
 
 def parse_json(body: bytes) -> JSONValue:
     try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        return strictjson.loads(body)
+    except ValueError:
         raise ValueError("malformed JSON") from None
 
 

@@ -6,7 +6,6 @@ and :func:`jwtlet.web.errors.token_port_error` says its refusals.
 
 from __future__ import annotations
 
-import json
 from typing import ClassVar, Optional
 from urllib.parse import parse_qs
 
@@ -16,7 +15,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import NotFound
 
-from jwtlet import policy
+from jwtlet import policy, strictjson
 from jwtlet.exchange.pipeline import Exchange, IssuedToken
 from jwtlet.model import JSONObject
 from jwtlet.providers import Signer
@@ -112,8 +111,8 @@ class TokenExchangeAPI:
             raise NotFound()
         body = read_body(request, MAX_BODY)
         try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            document = strictjson.loads(body)
+        except ValueError:
             document = None
         # An absent key is a missing key (401); one present but not a string
         # (null included) is a malformed body.
