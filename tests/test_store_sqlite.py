@@ -71,6 +71,7 @@ WRITER = textwrap.dedent(
     """
     import sys, types
     from twisted.internet import reactor, task
+    from twisted.internet.defer import Deferred
     from jwtlet.model import ResourceMapping
     from jwtlet.plugins.sqlite_store import sqlite
 
@@ -80,7 +81,7 @@ WRITER = textwrap.dedent(
         for index in range(int(sys.argv[2])):
             await store.add_mapping(ResourceMapping("client", f"ctx-{index}"))
             print(f"ACK {index}", flush=True)
-        await task.deferLater(reactor, 3600, lambda: None)
+        await Deferred()  # until the test's SIGKILL
 
     task.react(lambda r: __import__("twisted.internet.defer", fromlist=["x"]).ensureDeferred(main(r)))
     """

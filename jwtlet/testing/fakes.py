@@ -68,7 +68,9 @@ class Interruptible:
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.provider, name)
-        if not self.down or not callable(method):
+        # Dunder attributes (zope's ``__provides__`` among them) describe the
+        # provider; only its methods are interrupted.
+        if name.startswith("__") or not self.down or not callable(method):
             return method
         return self._unavailable
 

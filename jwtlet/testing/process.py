@@ -112,9 +112,10 @@ class DaemonProcess:
     def wait_for(self, predicate: Callable[[str, str], bool], timeout: float = 30.0) -> str:
         """Wait (bounded) for an output line matching ``predicate(stream, line)``."""
         closed = set()
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                name, line = self._lines.get(timeout=timeout)
+                name, line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise AssertionError(f"no matching output in {timeout}s: {self.output()}") from None
             if line == "":
