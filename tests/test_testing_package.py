@@ -24,7 +24,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from jwtlet.interfaces import DependencyUnavailable
+from jwtlet.interfaces import DependencyUnavailable, IMappingStore, IReadiness
 from jwtlet.plugins.memory_store import MemoryStore
 from jwtlet.testing.fakes import Interruptible
 from jwtlet.testing.kubernetes import FakeKubernetes
@@ -190,3 +190,11 @@ def test_an_interrupted_provider_fails_every_call_until_it_is_back() -> None:
         result_of(store.list_scopes())
     store.down = False
     assert result_of(store.list_scopes()) == []
+
+
+def test_an_interrupted_provider_still_says_what_it_provides() -> None:
+    """Only methods are interrupted: interface checks answer for the wrapped provider, down or not."""
+    store = Interruptible(MemoryStore(clock=Clock()))
+    store.down = True
+    assert IMappingStore.providedBy(store) is True
+    assert IReadiness.providedBy(store) is False
