@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -385,6 +386,36 @@ async def test_a_hanging_exec_plugin_is_killed_at_its_timeout(tmp_path: Path, cl
     clock.advance(TIMEOUT_SECS)
     with pytest.raises(DependencyUnavailable, match="timed out"):
         await pending
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plugin_whose_child_holds_its_stdout_is_still_done_at_the_timeout(
+        tmp_path: Path, clock: Clock) -> None:
+    """A plugin that leaves a process holding its output open must not hold every TokenReview after the kill."""
+    script = tmp_path / "forks.py"
+    # The child keeps the plugin's stdout, and lives until its stdin (the plugin's) closes.
+    script.write_text(textwrap.dedent("""
+        import signal, subprocess, sys
+        subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"])
+        signal.pause()
+    """))
+    config = write_kubeconfig(tmp_path, kubeconfig_document("https://api", {"exec": {
+        "apiVersion": V1, "command": sys.executable, "args": [str(script)]}}))
+    cluster = kubeconfig.resolve([ClusterAccess(kubeconfig=config)], reactor, clock)
+    pending = ensureDeferred(cluster.credential.bearer())
+    clock.advance(TIMEOUT_SECS)
+    # Bounded on the real reactor: before the fix this waited for the child, that is forever.
+    pending.addTimeout(10, reactor)
+    with pytest.raises(DependencyUnavailable, match="timed out"):
+        await pending
+
+
+def test_the_outbound_client_imports_first_in_a_fresh_interpreter(tmp_path: Path) -> None:
+    """No import cycle: each of these modules is importable on its own."""
+    for module in ("jwtlet.outbound", "jwtlet.kubernetes.credentials", "jwtlet.kubernetes.apiserver"):
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
 
 
 # -- client certificates over TLS -----------------------------------------------------------

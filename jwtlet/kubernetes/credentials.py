@@ -189,6 +189,10 @@ class _Output(ProcessProtocol):
         if self.killed is None and self.transport is not None:
             self.killed = why
             self.transport.signalProcess("KILL")
+            # Twisted reports the end only once every pipe is closed, and a
+            # child the plugin started may hold its stdout open for as long
+            # as it likes: close our ends, so the kill ends the wait.
+            self.transport.loseConnection()
 
     def processEnded(self, reason: Failure) -> None:  # noqa: N802 - Twisted's name
         code = reason.value.exitCode if isinstance(reason.value, (ProcessDone, ProcessTerminated)) else None

@@ -29,9 +29,10 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Optional, Protocol, Union
 
-from jwtlet.config.schema import TracingConfig
-
 if TYPE_CHECKING:
+    # Annotations only: importing the config package from here closes an
+    # import cycle (outbound -> tracing -> config -> kubeconfig -> outbound).
+    from jwtlet.config.schema import TracingConfig
     from jwtlet.metrics import Metrics
 
 #: What a span attribute may hold.
