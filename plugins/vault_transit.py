@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import contextvars
 import json
+import math
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Optional, Union
 
@@ -395,10 +396,10 @@ class VaultTransitSigner(Service):
             log.info("created transit key {name} ({type})", name=self.options.key_name, type=self.options.key_type)
         if code != 200:
             raise self.misconfigured(f"cannot read transit key {self.options.key_name} (HTTP {code})")
-        data = body.get("data") or {}
-        self.key_type = str(data.get("type", self.options.key_type))
-        self.algorithm = algorithm_for(self.key_type, self.options.rsa_algorithm)
         try:
+            data = body.get("data") or {}
+            self.key_type = str(data.get("type", self.options.key_type))
+            self.algorithm = algorithm_for(self.key_type, self.options.rsa_algorithm)
             self.min_encryption_version = int(data.get("min_encryption_version") or 0)
             self.observe({int(v): entry for v, entry in (data.get("keys") or {}).items()})
         except (AttributeError, KeyError, TypeError, ValueError, JWException):
@@ -424,10 +425,14 @@ class VaultTransitSigner(Service):
                                self.options.publish_before_use_secs, now)
 
     async def _refresh_quietly(self) -> None:
+        # Whatever goes wrong, the LoopingCall must go on: a refresh that
+        # raised would stop it, and rotations would no longer be seen.
         try:
             await self.refresh()
         except (DependencyUnavailable, VaultMisconfigured) as error:
             log.warn("refreshing the transit key failed: {error}", error=str(error))
+        except Exception:
+            log.failure("refreshing the transit key failed")
 
     # -- ISigner ------------------------------------------------------------------------------
 
@@ -564,7 +569,7 @@ def _number(raw: Mapping[str, Any], key: str, default: float, minimum: float, pr
     if value is None:
         return default
     kinds = (int,) if integer else (int, float)
-    if (isinstance(value, bool) or not isinstance(value, kinds) or value < minimum
+    if (isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value < minimum
             or (maximum is not None and value > maximum)):
         kind = "an integer" if integer else "a number"
         bounds = f"from {minimum:g} to {maximum:g}" if maximum is not None else f"of at least {minimum:g}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -354,3 +355,12 @@ def test_broken_values_still_give_a_whole_config_for_the_plugin_checks() -> None
 def test_vault_transit_options_may_sit_in_the_signer_section() -> None:
     raw = with_(signer={"type": "vault-transit", "url": "https://vault:8200", "kubernetes_auth": {"role": "j"}})
     assert config.parse(raw).signer.options == {"url": "https://vault:8200", "kubernetes_auth": {"role": "j"}}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_number_that_is_not_finite_is_a_problem(value: float) -> None:
+    """YAML's .nan and .inf are floats: a rate or a ratio must still be a number one can compare."""
+    with pytest.raises(ConfigError) as raised:
+        config.parse(dict(MINIMAL, rate_limits={"per_client_per_sec": value}))
+    assert any("rate_limits.per_client_per_sec: must be a finite number" in problem
+               for problem in raised.value.problems)

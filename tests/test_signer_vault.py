@@ -207,6 +207,33 @@ def test_creation_time_is_read_as_vault_writes_it(text: Any, expected: Any) -> N
     assert parse_creation_time(text) == expected
 
 
+@pytest.mark.parametrize("key", ["publish_before_use_secs", "key_refresh_secs", "timeout_secs", "batch_window_ms"])
+def test_an_option_that_is_not_a_finite_number_is_a_problem(key: str) -> None:
+    """A NaN publish delay would keep every new version from ever signing."""
+    with pytest.raises(PluginConfigError, match=key):
+        parse_options({"url": "https://vault:8200", "token": "t", key: math.nan}, dev=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_odd_key_answer_does_not_stop_the_refreshes(
+    tmp_path: Path, vault: RunningVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One answer whose data is not an object must not end the refresh loop: later rotations are still seen."""
+    vault.fake.create_key("jwt")
+    original = TransitKey.read
+    monkeypatch.setattr(TransitKey, "read", lambda key: ["not", "an", "object"])
+    signer = build_signer(tmp_path, vault)
+    try:
+        # What the LoopingCall runs: a refresh that raised would stop it.
+        await signer._refresh_quietly()
+        assert signer.versions == {}
+        monkeypatch.setattr(TransitKey, "read", original)
+        await signer._refresh_quietly()
+        assert set(signer.versions) == {1}
+    finally:
+        await stopped(signer)
+
+
 def test_publish_before_use_defaults_to_twice_the_refresh_interval() -> None:
     base = {"url": "https://vault:8200", "token": "t"}
     assert parse_options(base, dev=False).publish_before_use_secs == 120

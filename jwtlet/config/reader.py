@@ -21,6 +21,7 @@ with the message to report; checks return a message or ``None``.
 from __future__ import annotations
 
 import ipaddress
+import math
 from typing import Any, Callable, Mapping, Optional, TypeVar
 from urllib.parse import urlsplit
 
@@ -138,6 +139,8 @@ def as_int(value: object) -> int:
 def as_number(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"must be a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")  # YAML's .nan and .inf
     return float(value)
 
 
