@@ -8,16 +8,17 @@ serving).  :mod:`jwtlet.jwtverify` checks tokens against them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Mapping, Optional, Protocol, Union
 
 import attrs
 import treq
 from jwcrypto.common import JWException
 from jwcrypto.jwk import JWK
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from jwtlet import strictjson
 from jwtlet.config.reader import https_url
@@ -189,23 +190,28 @@ class RemoteKeys:
         raise DependencyUnavailable(f"no usable JWKS for {self.issuer}")
 
     async def _fetch_once(self) -> KeySet:
-        # Concurrent callers wait for the one fetch under way.
+        # Concurrent callers wait for the one fetch under way.  It runs apart
+        # from every caller: one that gives up (a /ready probe's bound, a
+        # client hanging up) cancels its own wait, never the others' fetch.
+        waiter: Deferred[KeySet] = Deferred()
         if self._waiters is not None:
-            waiter: Deferred[KeySet] = Deferred()
             self._waiters.append(waiter)
-            return await waiter
-        self._waiters = []
-        try:
-            keys = await self._fetch()
-        except DependencyUnavailable as error:
-            waiters, self._waiters = self._waiters, None
-            for waiting in waiters:
-                waiting.errback(DependencyUnavailable(str(error)))
-            raise
-        waiters, self._waiters = self._waiters, None
+        else:
+            self._waiters = [waiter]
+            ensureDeferred(self._fetch()).addBoth(self._deliver)
+        return await waiter
+
+    def _deliver(self, result: Union[KeySet, Failure]) -> None:
+        waiters, self._waiters = self._waiters or [], None
         for waiting in waiters:
-            waiting.callback(keys)
-        return keys
+            if waiting.called:
+                continue  # a caller that gave up
+            if isinstance(result, KeySet):
+                waiting.callback(result)
+            elif result.check(DependencyUnavailable):
+                waiting.errback(DependencyUnavailable(str(result.value)))
+            else:
+                waiting.errback(result)
 
     async def _fetch(self) -> KeySet:
         try:
