@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Protocol, Union
 
 import attrs
-import treq
 from jwcrypto.common import JWException
 from jwcrypto.jwk import JWK
 from treq.client import HTTPClient
@@ -24,7 +23,7 @@ from jwtlet import strictjson
 from jwtlet.config.reader import https_url
 from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.model import JSONValue
-from jwtlet.outbound import RequestHeaders, TokenFile, on_clock
+from jwtlet.outbound import RequestHeaders, TokenFile, on_clock, read_answer
 
 if TYPE_CHECKING:
     from jwtlet.metrics import Metrics
@@ -33,9 +32,6 @@ UNKNOWN_KID_REFETCH_SECS = 10.0
 BACKOFF_FIRST_SECS = 1.0
 BACKOFF_MAX_SECS = 30.0
 FETCH_TIMEOUT_SECS = 5.0
-#: Discovery documents and JWKS are a few KiB; a peer sending more is not
-#: buffered past this.
-MAX_DOCUMENT_BYTES = 1024 * 1024
 
 _RSA = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "EdDSA", "Ed448": "EdDSA"}
@@ -264,22 +260,12 @@ class RemoteKeys:
                 headers["Authorization"] = [f"Bearer {self.bearer.read()}"]
             except (OSError, ValueError) as error:
                 raise DependencyUnavailable(f"bearer token file: {error}") from None
-        chunks: list[bytes] = []
-        received = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal received
-            received += len(data)
-            if received > MAX_DOCUMENT_BYTES:
-                raise ValueError("document too large")
-            chunks.append(data)
-
         try:
             response = await self.http_client.get(
                 url, headers=headers, timeout=FETCH_TIMEOUT_SECS, reactor=on_clock(self.reactor)
             )
             # Read even an error's body, so the connection can go back to the pool.
-            await treq.collect(response, collect)
+            content = await read_answer(response, FETCH_TIMEOUT_SECS, self.reactor)
         except CancelledError:
             raise DependencyUnavailable(f"{url}: timed out") from None
         except Exception as error:
@@ -287,6 +273,6 @@ class RemoteKeys:
         if response.code != 200:
             raise DependencyUnavailable(f"{url}: HTTP {response.code}")
         try:
-            return strictjson.loads(b"".join(chunks))
+            return strictjson.loads(content)
         except ValueError as error:
             raise ValueError(f"{url}: not usable JSON ({error})") from None

@@ -17,11 +17,13 @@ import attrs
 from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IPolicyForHTTPS
+from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 
 from jwtlet import tracing
 
@@ -55,6 +57,72 @@ def _pem_blocks(pem: bytes) -> list[bytes]:
         for chunk in pem.split(marker)
         if b"-----BEGIN CERTIFICATE-----" in chunk
     ]
+
+
+#: What jwtlet reads of a peer's answer (a JWKS, a discovery document, a
+#: TokenReview, a Vault key): far more than any real one.
+MAX_ANSWER_BYTES = 1024 * 1024
+
+
+class AnswerTooLarge(ValueError):
+    """A peer's answer grew past the limit its reader set."""
+
+
+class _BoundedBody(Protocol):
+    """Collects a response body up to ``limit`` bytes; past it, stops reading and fails."""
+
+    def __init__(self, finished: Deferred[bytes], limit: int):
+        self.finished = finished
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.received = 0
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        if self.finished.called:
+            return
+        self.received += len(data)
+        if self.received > self.limit:
+            self.finished.errback(AnswerTooLarge(f"answer over {self.limit} bytes"))
+            self.stop()
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802 - Twisted's name
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self.chunks))
+        else:
+            self.finished.errback(reason)
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            # A response body's transport is its producer; stopping it drops
+            # the connection, so what is left is never read.
+            cast(IPushProducer, self.transport).stopProducing()
+
+
+def read_answer(
+    response: IResponse, timeout: float, clock: IReactorTime, limit: int = MAX_ANSWER_BYTES
+) -> Deferred[bytes]:
+    """
+    The body of a peer's ``response``, at most ``limit`` bytes and within
+    ``timeout`` seconds on ``clock``: treq's own ``timeout`` ends with the
+    response's headers, and a peer that then trickles or stalls its body
+    would otherwise hold the call (and everyone waiting on it) forever.
+    Fails with :class:`AnswerTooLarge`, ``CancelledError`` at the timeout,
+    or the connection's failure; either way the connection is dropped.
+    """
+    body: Optional[_BoundedBody] = None
+
+    def cancel(_: Deferred[bytes]) -> None:
+        if body is not None:
+            body.stop()
+
+    finished: Deferred[bytes] = Deferred(cancel)
+    body = _BoundedBody(finished, limit)
+    response.deliverBody(body)
+    return finished.addTimeout(timeout, clock)
 
 
 #: Headers that carry a credential: a request with one never follows a redirect.

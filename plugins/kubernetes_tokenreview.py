@@ -78,6 +78,10 @@ class TokenReviewValidator:
     def validate(self, token: str, audience: Optional[str]) -> Deferred[Identity]:
         if not token or len(token) > MAX_TOKEN_BYTES:
             return fail(TokenRejected("empty or oversized token"))
+        # A bearer token is visible ASCII (RFC 6750); anything else is never
+        # sent on to the API server, which would answer it back to us.
+        if not (token.isascii() and token.isprintable()):
+            return fail(TokenRejected("a token holds characters no bearer token has"))
         return ensureDeferred(self._validate(token, audience))
 
     async def _validate(self, token: str, audience: Optional[str]) -> Identity:

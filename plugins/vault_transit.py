@@ -55,7 +55,7 @@ from jwtlet.interfaces import (
     PluginConfigError,
     PluginContext,
 )
-from jwtlet.outbound import TokenFile, build_http_client, close_http_client
+from jwtlet.outbound import TokenFile, build_http_client, close_http_client, read_answer
 
 log = Logger(namespace="jwtlet.signer.vault")
 
@@ -351,7 +351,7 @@ class VaultTransitSigner(Service):
                 data=json.dumps(body).encode() if body is not None else None,
                 timeout=self.options.timeout_secs, reactor=self.clock,
             )
-            content = await response.content()
+            content = await read_answer(response, self.options.timeout_secs, self.clock)
         except CancelledError:
             raise DependencyUnavailable("vault: timed out") from None
         except Exception as error:

@@ -16,7 +16,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from jwtlet.jwks import RemoteKeys
+from jwtlet.interfaces import DependencyUnavailable
+from jwtlet.jwks import FETCH_TIMEOUT_SECS, RemoteKeys
+from jwtlet.outbound import MAX_ANSWER_BYTES
 from jwtlet.testing.kubernetes import SigningKey
 
 ISSUER = "https://issuer.test"
@@ -61,3 +63,46 @@ def test_a_caller_that_gives_up_does_not_fail_the_fetch_the_others_wait_for() ->
     endpoint.answer_all()
     client.flush()
     assert key.kid in patient.result.keys
+
+
+class StalledJwks(Resource):
+    """A peer that sends its headers and the start of a body, then nothing more."""
+
+    isLeaf = True
+
+    def render_GET(self, request: IRequest) -> object:  # noqa: N802 - Twisted's name
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Content-Length", b"100000")
+        request.write(b'{"keys": [')
+        return NOT_DONE_YET
+
+
+def test_a_peer_that_stalls_its_body_is_a_failed_fetch_at_the_timeout() -> None:
+    """treq's own timeout ends with the headers: without a bound on the body, every validation would hang."""
+    clock = Clock()
+    client = StubTreq(StalledJwks())
+    keys = RemoteKeys(issuer=ISSUER, jwks_uri=f"{ISSUER}/jwks", http_client=client, reactor=clock, ttl=60)
+    pending = ensureDeferred(keys.current(0))
+    client.flush()
+    assert not pending.called
+    clock.advance(FETCH_TIMEOUT_SECS)
+    failed: list[Failure] = []
+    pending.addErrback(failed.append)
+    assert failed and failed[0].check(DependencyUnavailable)
+
+
+class HugeJwks(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: IRequest) -> bytes:  # noqa: N802 - Twisted's name
+        return b'{"keys": [' + b" " * (MAX_ANSWER_BYTES + 1) + b"]}"
+
+
+def test_a_peer_answering_more_than_a_mebibyte_is_a_failed_fetch() -> None:
+    client = StubTreq(HugeJwks())
+    keys = RemoteKeys(issuer=ISSUER, jwks_uri=f"{ISSUER}/jwks", http_client=client, reactor=Clock(), ttl=60)
+    pending = ensureDeferred(keys.current(0))
+    client.flush()
+    failed: list[Failure] = []
+    pending.addErrback(failed.append)
+    assert failed and failed[0].check(DependencyUnavailable)

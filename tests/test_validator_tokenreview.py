@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from jwtlet.config.schema import K8sConfig
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, TokenRejected
 from jwtlet.outbound import close_http_client
-from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
+from jwtlet.plugins.kubernetes_tokenreview import MAX_TOKEN_BYTES, kubernetes_tokenreview
 
 
 def build(tmp_path: Path, cluster: Cluster, clock: Clock, **options: Any) -> Any:
@@ -171,3 +171,16 @@ def test_a_plaintext_api_server_url_is_reported_once(tmp_path: Path, cluster: Cl
         kubernetes_tokenreview.build({"api_server_url": "http://kubernetes.example"}, plugin_context(tmp_path, cluster))
     assert raised.value.messages == (
         "api_server_url: must be https (http is allowed only for loopback hosts or with --dev)",)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_no_bearer_could_be_are_refused_without_asking_the_api_server(
+    tmp_path: Path, cluster: Cluster, clock: Clock
+) -> None:
+    """Oversized, non-ASCII or control-character tokens never reach the API server (which would echo them back)."""
+    validator = build(tmp_path, cluster, clock)
+    good = cluster.fake.mint("ns", "app", [CLIENT_AUDIENCE])
+    for token in ("x" * (MAX_TOKEN_BYTES + 1), "\ud800" * 32, "ü" * 64, good + "\r\nX-Injected: 1", good + "\x00"):
+        with pytest.raises(TokenRejected):
+            await validator.validate(token, CLIENT_AUDIENCE)
+    assert cluster.fake.requests["tokenreviews"] == 0

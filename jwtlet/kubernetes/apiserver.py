@@ -22,7 +22,7 @@ from jwtlet import strictjson
 from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.kubernetes.credentials import Credential, as_credential
 from jwtlet.model import JSONObject, JSONValue
-from jwtlet.outbound import RequestHeaders, on_clock
+from jwtlet.outbound import RequestHeaders, on_clock, read_answer
 
 
 @attrs.frozen
@@ -73,7 +73,7 @@ class APIServer:
                 self.url + path, data=json.dumps(body).encode(), headers=headers, timeout=self.timeout,
                 reactor=on_clock(self.clock),
             )
-            content = await response.content()
+            content = await read_answer(response, self.timeout, self.clock)
         except CancelledError:
             raise DependencyUnavailable(f"{peer}: timed out") from None
         except Exception as error:
