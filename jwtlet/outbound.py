@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Union, cast
 from urllib.parse import urlsplit
 
 import attrs
+from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import ssl
+from twisted.internet._sslverify import IOpenSSLTrustRoot  # the trust-root interface; ssl does not re-export it
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -24,6 +26,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
 from jwtlet import tracing
 
@@ -37,17 +40,30 @@ RequestHeaders = dict[Union[bytes, str], list[Union[bytes, str]]]
 def tls_policy(ca_file: Optional[str]) -> IPolicyForHTTPS:
     """
     Trust the platform's CAs, plus those in ``ca_file`` when it exists (the
-    in-cluster ``ca.crt`` is optional outside a pod).
+    in-cluster ``ca.crt`` is optional outside a pod).  Plus, not instead:
+    the daemon's shared client trusts the cluster's CA and still reaches
+    public issuers (a CI system's, a cloud's OIDC endpoint).
     """
     if ca_file and Path(ca_file).is_file():
         pem = Path(ca_file).read_bytes()
-        authorities = [
-            ssl.Certificate.loadPEM(block)
-            for block in _pem_blocks(pem)
-        ]
-        trust = ssl.trustRootFromCertificates(authorities)
-        return BrowserLikePolicyForHTTPS(trustRoot=trust)
+        authorities = tuple(ssl.Certificate.loadPEM(block) for block in _pem_blocks(pem))
+        return BrowserLikePolicyForHTTPS(trustRoot=_PlatformAnd(authorities))
     return BrowserLikePolicyForHTTPS()
+
+
+@implementer(IOpenSSLTrustRoot)
+@attrs.frozen
+class _PlatformAnd:
+    """The platform's trust store (as ``platformTrust()`` loads it) and ``authorities`` besides."""
+
+    authorities: tuple[ssl.Certificate, ...]
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:  # noqa: N802 - Twisted's interface
+        context.set_default_verify_paths()
+        store = context.get_cert_store()
+        assert store is not None, "a context always has a store"
+        for authority in self.authorities:
+            store.add_cert(authority.original)
 
 
 def _pem_blocks(pem: bytes) -> list[bytes]:

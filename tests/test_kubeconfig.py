@@ -29,7 +29,10 @@ from cryptography.x509.oid import NameOID
 from k8s_fixtures import CLIENT_AUDIENCE, jwtlet_config
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from jwtlet.cli import main as cli
 from jwtlet.config import ConfigError, parse
@@ -38,7 +41,7 @@ from jwtlet.interfaces import DependencyUnavailable, PluginConfigError, PluginCo
 from jwtlet.kubernetes import kubeconfig
 from jwtlet.kubernetes.credentials import TIMEOUT_SECS, parse_exec_credential
 from jwtlet.kubernetes.kubeconfig import IN_CLUSTER, KubeconfigError, UnknownContext
-from jwtlet.outbound import close_http_client
+from jwtlet.outbound import build_http_client, close_http_client
 from jwtlet.plugins.kubernetes_tokenreview import kubernetes_tokenreview
 from jwtlet.testing.kubernetes import FakeKubernetes, serve_tls
 from jwtlet.testing.loopback import LoopbackServer, serve
@@ -559,3 +562,45 @@ def test_a_validator_kubeconfig_problem_is_a_plugin_config_error(tmp_path: Path,
     with pytest.raises(PluginConfigError) as raised:
         kubernetes_tokenreview.build({"kubeconfig": str(tmp_path / "absent")}, context)
     assert raised.value.messages == (f"kubeconfig: {tmp_path / 'absent'}: cannot read it (FileNotFoundError)",)
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:  # noqa: N802 - Twisted's name
+        return b"hello"
+
+
+async def serve_https(authority: Authority) -> LoopbackServer:
+    certificate, key = authority.issue("127.0.0.1", ip="127.0.0.1")
+    options = ssl.PrivateCertificate.loadPEM((certificate + key).decode()).options()
+    port = await SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(Site(Hello()))
+    return LoopbackServer(port=port, url=f"https://127.0.0.1:{port.getHost().port}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_extra_ca_is_trusted_besides_the_platforms_not_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's client trusts the cluster's CA and still reaches a public issuer (GitHub's, a cloud's)."""
+    cluster_ca, public_ca = Authority.create("cluster-ca"), Authority.create("public-ca")
+    (tmp_path / "cluster-ca.crt").write_bytes(cluster_ca.pem)
+    (tmp_path / "platform.pem").write_bytes(public_ca.pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "platform.pem"))  # OpenSSL's platform store, here
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    cluster, public = await serve_https(cluster_ca), await serve_https(public_ca)
+    client = build_http_client(reactor, ca_file=str(tmp_path / "cluster-ca.crt"))
+    try:
+        for server in (cluster, public):
+            response = await client.get(server.url)
+            assert await response.content() == b"hello"
+        stranger = await serve_https(Authority.create("stranger-ca"))
+        try:
+            with pytest.raises(Exception):  # noqa: B017 - any TLS failure: the handshake is refused
+                await client.get(stranger.url)
+        finally:
+            await stranger.port.stopListening()
+    finally:
+        await close_http_client(client)
+        await cluster.port.stopListening()
+        await public.port.stopListening()
