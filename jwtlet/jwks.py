@@ -95,6 +95,14 @@ class KeySource(Protocol):
     async def refetch(self, now: float) -> Optional[KeySet]:
         """For a ``kid`` the current set lacks: a fresher set, or ``None`` when refetching is not allowed yet."""
 
+    @property
+    def origin(self) -> Optional[str]:
+        """
+        Where the keys are taken from when it is not the issuer's own
+        discovery document: two validators trusting one issuer name with
+        keys from different places may be seeing two clusters.
+        """
+
 
 @attrs.define
 class StaticKeys:
@@ -103,6 +111,10 @@ class StaticKeys:
     path: Path
     _keys: Optional[KeySet] = None
     _signature: Optional[tuple[int, int]] = None
+
+    @property
+    def origin(self) -> Optional[str]:
+        return self.path.resolve().as_uri()
 
     async def current(self, now: float) -> KeySet:
         try:
@@ -163,6 +175,10 @@ class RemoteKeys:
     _failures: int = 0
     _next_attempt: float = -1e18
     _waiters: Optional[list[Deferred[KeySet]]] = None
+
+    @property
+    def origin(self) -> Optional[str]:
+        return self.jwks_uri or self.discovery_url
 
     async def current(self, now: float) -> KeySet:
         if self._keys is not None and now < self._fetched_at + self.ttl:

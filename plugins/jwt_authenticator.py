@@ -416,6 +416,7 @@ class JWTAuthenticatorFactory:
                 # keeping those apart is the operator's (workload-identity.md).
                 username_prefix=entry.username.prefix if isinstance(entry.username, FromClaim) else None,
                 key_path=f"{path.removeprefix('.')}.claimMappings.username.prefix",
+                authority=entry.discovery_url,
             )
             for path, entry in entries
         )

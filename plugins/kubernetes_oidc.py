@@ -213,7 +213,8 @@ def _issuers(section: SectionReader, ttl: float, context: PluginContext) -> _Iss
             entry.problem("issuer", "listed twice")
         elif issuer is not None:
             issuers[issuer.issuer] = issuer
-            trusted.append(interfaces.TrustedIssuer(issuer.issuer, prefix, entry.key_path("username_prefix")))
+            trusted.append(interfaces.TrustedIssuer(issuer.issuer, prefix, entry.key_path("username_prefix"),
+                                                    authority=issuer.keys.origin))
     section.problems.extend(identity.distinct_prefix_problems(prefixes))
     return _Issuers(issuers, tuple(trusted))
 

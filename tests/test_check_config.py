@@ -333,6 +333,31 @@ def test_an_ext_authz_validator_trusting_another_cluster_needs_its_own_prefix(
                                                       ("https://a.example", "")))) == ok
 
 
+def test_two_clusters_sharing_an_issuer_name_with_different_keys_need_their_own_prefixes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    Both clusters use the default issuer name; their keys come from different places, so tokens of each
+    verify only against their own cluster: without distinct prefixes B's apps/web would act as A's.
+    """
+    issuer = "https://kubernetes.default.svc.cluster.local"
+
+    def fronts(top_keys: str, front_keys: str, front_prefix: str) -> Path:
+        return write(
+            tmp_path,
+            validator={"type": "kubernetes-oidc", "issuers": [{"issuer": issuer, "jwks_file": top_keys}]},
+            ext_authz={"validator": {"type": "kubernetes-oidc", "issuers": [
+                {"issuer": issuer, "jwks_file": front_keys, "username_prefix": front_prefix}]},
+                       "audience": "https://kubernetes.default.svc", "exchange": "jwt"},
+        )
+
+    status, lines = check(capsys, "--config", str(fronts("/cluster-a.jwks", "/cluster-b.jwks", "")))
+    assert status == 1 and lines[0].startswith("ext_authz.validator.issuers[0].username_prefix: ''"), lines
+    ok = (0, ["configuration OK"])
+    assert check(capsys, "--config", str(fronts("/cluster-a.jwks", "/cluster-b.jwks", "b:"))) == ok
+    assert check(capsys, "--config", str(fronts("/cluster-a.jwks", "/cluster-a.jwks", ""))) == ok
+
+
 def test_a_tokenreview_front_asking_another_api_server_needs_its_own_prefix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
