@@ -169,6 +169,19 @@ def test_one_garbage_bearer_sent_a_thousand_times_costs_one_validator_call(apps:
     assert apps.validator.calls == calls + 2, "asked again once a minute has passed"
 
 
+def test_one_garbage_bearer_sent_to_both_ports_that_take_management_callers_costs_one_validator_call(
+    apps: Apps
+) -> None:
+    """/introspect takes the management port's callers: a token rejected on one is rejected on the other."""
+    calls = apps.validator.calls
+    assert api(apps, "GET", "/scopes", token="garbage").code == 401
+    introspected = call(apps.token, "POST", f"{URL}/introspect", data=b"token=anything",
+                        headers={"Authorization": "Bearer garbage",
+                                 "Content-Type": "application/x-www-form-urlencoded"})
+    assert introspected.code == 401
+    assert apps.validator.calls == calls + 1
+
+
 def test_a_validator_outage_is_not_remembered_as_a_rejection(apps: Apps) -> None:
     """An admin whose token met an outage is let in as soon as the validator is back."""
     apps.validator.down = True

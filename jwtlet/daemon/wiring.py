@@ -53,6 +53,7 @@ from jwtlet.policy import reserved_claims
 from jwtlet.providers import Validator
 from jwtlet.tracing.service import TracingService
 from jwtlet.tracing.web import traced
+from jwtlet.web.callers import RejectionCache
 from jwtlet.web.health import Readiness
 from jwtlet.web.introspect import Introspection
 from jwtlet.web.management_api import MAX_BODY, ManagementAPI
@@ -234,6 +235,9 @@ def build_apis(
         {"store": providers.store, "signer": providers.signer, "validator": providers.validator}, clock
     )
     exchange = build_exchange(config, providers.store, providers.signer, providers.validator, clock, metrics)
+    # One cache of rejected callers for both ports that take management callers (security.md: one
+    # validator call per distinct token per minute).
+    callers = RejectionCache(providers.validator, clock)
     token_api = TokenExchangeAPI(
         exchange=exchange,
         signer=providers.signer,
@@ -247,6 +251,7 @@ def build_apis(
             roles=config.service_accounts,
             limiter=exchange.limiter,
             clock=clock,
+            callers=callers,
         ),
     )
     management_api = ManagementAPI(
@@ -262,6 +267,7 @@ def build_apis(
         readiness=readiness,
         random_bytes=random_bytes,
         clock=clock,
+        callers=callers,
     )
     return APIs(exchange=exchange, token_api=token_api, management_api=management_api)
 

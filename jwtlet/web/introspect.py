@@ -96,17 +96,18 @@ class Introspection:
     roles: Mapping[str, tuple[str, ...]]
     limiter: RateLimiter
     clock: IReactorTime
-    _callers: RejectionCache = attrs.field(init=False)
+    #: who may introspect: the management port's callers, whose rejected
+    #: tokens it shares (one validator call per garbage token, whichever port)
+    callers: RejectionCache
     #: rejected subject tokens too: a caller repeating garbage costs no validator calls
     _subjects: RejectionCache = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._callers = RejectionCache(self.validator, self.clock)
         self._subjects = RejectionCache(self.validator, self.clock)
 
     async def answer(self, request: IRequest, form: Mapping[str, list[str]]) -> bytes:
         """The answer to ``request``, whose body the token port has read as ``form``."""
-        caller = await caller_identity(self._callers, request.getHeader(b"authorization"), self.caller_audiences)
+        caller = await caller_identity(self.callers, request.getHeader(b"authorization"), self.caller_audiences)
         if caller is None:
             raise APIError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
         if INTROSPECT not in self.roles.get(caller.username, ()):

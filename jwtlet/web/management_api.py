@@ -95,14 +95,11 @@ class ManagementAPI:
     metrics_enabled: bool
     readiness: Readiness
     clock: IReactorTime
+    #: the callers' tokens already rejected (shared with ``/introspect``, which takes the same callers)
+    callers: RejectionCache
     random_bytes: Callable[[int], bytes] = os.urandom
     #: the configured API-key profiles, which an integration is bound to some of
     api_key_profiles: tuple[str, ...] = ()
-    _callers: RejectionCache = attrs.field(init=False)
-
-    @_callers.default
-    def _new_callers(self) -> RejectionCache:
-        return RejectionCache(self.validator, self.clock)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -118,7 +115,7 @@ class ManagementAPI:
         return method_of(request, *allowed)
 
     async def authorise(self, request: IRequest, route: str, needed: str) -> Identity:
-        identity = await caller_identity(self._callers, request.getHeader(b"authorization"), self.audiences)
+        identity = await caller_identity(self.callers, request.getHeader(b"authorization"), self.audiences)
         if identity is None:
             raise unauthorized()
         tracing.current().annotate(tracing.CLIENT_ATTRIBUTE, identity.username)
