@@ -10,9 +10,10 @@ import attrs
 import jwt as pyjwt
 import pytest
 from apps import ADMIN, CLIENT_AUDIENCE, WORKLOAD, Apps, Reply, call, make_apps
+from twisted.logger import globalLogPublisher
 
 from jwtlet import policy
-from jwtlet.exchange.pipeline import new_token_id
+from jwtlet.exchange.pipeline import LOGGED_ITEMS, LOGGED_TEXT, new_token_id
 from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.model import ResourceMapping, ScopeMapping
 from jwtlet.testing.fakes import service_account
@@ -311,3 +312,23 @@ def test_the_token_port_says_each_domain_error_one_way_per_contract(
         assert answer.headers["Cache-Control"] == "no-store"
         retry_after = getattr(error, "retry_after", None)
         assert answer.headers.get("Retry-After") == (str(retry_after) if retry_after else None)
+
+
+def test_a_refusal_logs_what_an_unauthenticated_client_sent_only_in_part(apps: Apps) -> None:
+    """A garbage token with a 40 KiB resource and a thousand scopes must not become a 40 KiB log line."""
+    refused: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("jwtlet_event") == "token.refused":
+            refused.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        reply = exchange(apps, subject_token="garbage", resource="r" * 40_000,
+                         scope=" ".join(f"scope-{index}" for index in range(1000)))
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert reply.code in (400, 401)
+    (event,) = refused
+    assert len(event["resource"]) == LOGGED_TEXT
+    assert len(event["scopes"]) == LOGGED_ITEMS

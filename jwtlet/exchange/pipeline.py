@@ -16,7 +16,7 @@ port says them in its own words.
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping, Optional, Protocol, Union
+from typing import Callable, Mapping, Optional, Protocol, Sequence, Union
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -316,9 +316,19 @@ class Exchange:
         detail = error.log_fields if isinstance(error, Refusal) else {}
         emit(
             log, "token.refused", LogLevel.info,
-            client=client, resource=request.resource, scopes=list(request.scopes),
-            audience=list(request.audiences), error=code, **detail,
+            client=client, resource=request.resource[:LOGGED_TEXT], scopes=_as_sent(request.scopes),
+            audience=_as_sent(request.audiences), error=code, **detail,
         )
+
+
+#: Of what a client asked for, a refusal's line keeps this much: the request
+#: may come before any credential was checked, and fill a 64 KiB body.
+LOGGED_TEXT = 256
+LOGGED_ITEMS = 16
+
+
+def _as_sent(values: Sequence[str]) -> list[str]:
+    return [value[:LOGGED_TEXT] for value in values[:LOGGED_ITEMS]]
 
 
 def build_exchange(
