@@ -248,6 +248,7 @@ class PostgresStore(SQLStore):
             name="jwtlet",
         )
         self._migrated = not run_migrations
+        self._migrating = threading.Lock()
         self._listener = Listener(conninfo, reactor, self._invalidate)
 
     def _opened(self) -> None:
@@ -264,9 +265,13 @@ class PostgresStore(SQLStore):
 
     def _transaction(self, work: Callable[[Connection], T], access: Access) -> T:
         if not self._migrated:
-            with self._pool.connection() as connection:
-                migrate(connection)
-            self._migrated = True
+            # Pool threads meet here together on the first requests: one
+            # migrates, the others wait for it instead of each running it.
+            with self._migrating:
+                if not self._migrated:
+                    with self._pool.connection() as connection:
+                        migrate(connection)
+                    self._migrated = True
         # No NOTIFY here: the tables' triggers (CHANGE_TRIGGERS) send it for every writer.
         with self._pool.connection() as connection:
             with connection.transaction():

@@ -21,7 +21,11 @@ whose parent is already gone when it starts exits at once (the window
 before ``setpriv`` ran).
 
 The first worker starts alone and the others once it is ready, so one-time
-work (migrations, a generated key, the dev issuer) is done by one process.
+start-up work (a generated key, the dev issuer) is done by one process.
+Store migrations may run later (SQLite's on its store thread, PostgreSQL's
+at the first request) and in several workers at once: each holds the
+database's own lock (SQLite's write lock, PostgreSQL's advisory lock) and
+finds the work done when the first is through.
 A worker that cannot start before any worker was ever ready is a broken
 deployment, not a crash to retry: the supervisor exits with status 1.
 
