@@ -288,7 +288,8 @@ class DrainingSite(Site):
         if self.in_flight == 0:
             waiting, self._idle = self._idle, []
             for waiter in waiting:
-                waiter.callback(None)
+                if not waiter.called:  # one whose drain gave up at its timeout
+                    waiter.callback(None)
 
     def drain(self) -> Deferred[None]:
         """Fires when no request is in flight."""
