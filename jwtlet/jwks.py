@@ -8,22 +8,21 @@ serving).  :mod:`jwtlet.jwtverify` checks tokens against them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Protocol
 
 import attrs
 from jwcrypto.common import JWException
 from jwcrypto.jwk import JWK
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from jwtlet import strictjson
 from jwtlet.config.reader import https_url
 from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.model import JSONValue
-from jwtlet.outbound import RequestHeaders, TokenFile, on_clock, read_answer
+from jwtlet.outbound import RequestHeaders, SingleFlight, TokenFile, on_clock, read_answer
 
 if TYPE_CHECKING:
     from jwtlet.metrics import Metrics
@@ -174,7 +173,7 @@ class RemoteKeys:
     _refetched_at: float = -1e18
     _failures: int = 0
     _next_attempt: float = -1e18
-    _waiters: Optional[list[Deferred[KeySet]]] = None
+    _fetching: SingleFlight[KeySet] = attrs.field(factory=SingleFlight, init=False)
 
     @property
     def origin(self) -> Optional[str]:
@@ -202,28 +201,8 @@ class RemoteKeys:
         raise DependencyUnavailable(f"no usable JWKS for {self.issuer}")
 
     async def _fetch_once(self) -> KeySet:
-        # Concurrent callers wait for the one fetch under way.  It runs apart
-        # from every caller: one that gives up (a /ready probe's bound, a
-        # client hanging up) cancels its own wait, never the others' fetch.
-        waiter: Deferred[KeySet] = Deferred()
-        if self._waiters is not None:
-            self._waiters.append(waiter)
-        else:
-            self._waiters = [waiter]
-            ensureDeferred(self._fetch()).addBoth(self._deliver)
-        return await waiter
-
-    def _deliver(self, result: Union[KeySet, Failure]) -> None:
-        waiters, self._waiters = self._waiters or [], None
-        for waiting in waiters:
-            if waiting.called:
-                continue  # a caller that gave up
-            if isinstance(result, KeySet):
-                waiting.callback(result)
-            elif result.check(DependencyUnavailable):
-                waiting.errback(DependencyUnavailable(str(result.value)))
-            else:
-                waiting.errback(result)
+        # Concurrent callers wait for the one fetch under way.
+        return await self._fetching(self._fetch)
 
     async def _fetch(self) -> KeySet:
         try:

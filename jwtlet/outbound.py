@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Generic, Iterable, Mapping, Optional, TypeVar, Union, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -18,7 +18,7 @@ from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the trust-root interface; ssl does not re-export it
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -32,6 +32,8 @@ from jwtlet import tracing
 
 if TYPE_CHECKING:
     from treq._types import _ITreqReactor
+
+T = TypeVar("T")
 
 #: Request headers as treq takes them.
 RequestHeaders = dict[Union[bytes, str], list[Union[bytes, str]]]
@@ -139,6 +141,38 @@ def read_answer(
     body = _BoundedBody(finished, limit)
     response.deliverBody(body)
     return finished.addTimeout(timeout, clock)
+
+
+class SingleFlight(Generic[T]):
+    """
+    One call to a peer under way at a time, shared by every caller that asks
+    meanwhile (twenty first signs are one key read, not twenty).  The call
+    runs apart from its callers and each waits on a Deferred of its own, so
+    one that gives up (a /ready probe's bound, a client hanging up) cancels
+    its own wait, never the call the others wait for.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: Optional[list[Deferred[T]]] = None
+
+    def __call__(self, start: Callable[[], Coroutine[Any, Any, T]]) -> Deferred[T]:
+        waiter: Deferred[T] = Deferred()
+        if self._waiting is not None:
+            self._waiting.append(waiter)
+        else:
+            self._waiting = [waiter]
+            ensureDeferred(start()).addBoth(self._settle)
+        return waiter
+
+    def _settle(self, result: Union[T, Failure]) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        for waiter in waiting:
+            if waiter.called:
+                continue  # a caller that gave up
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
 
 #: Headers that carry a credential: a request with one never follows a redirect.

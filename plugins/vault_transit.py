@@ -55,7 +55,7 @@ from jwtlet.interfaces import (
     PluginConfigError,
     PluginContext,
 )
-from jwtlet.outbound import TokenFile, build_http_client, close_http_client, read_answer
+from jwtlet.outbound import SingleFlight, TokenFile, build_http_client, close_http_client, read_answer
 
 log = Logger(namespace="jwtlet.signer.vault")
 
@@ -320,6 +320,7 @@ class VaultTransitSigner(Service):
         self._refreshing.clock = clock
         self._last_misconfiguration_log = -1e18
         self._batch: Optional[SignBatch] = None
+        self._reading: SingleFlight[None] = SingleFlight()
         if options.token is not None:
             log.warn("vault.token is a literal token in the config: use token_file or kubernetes_auth in production")
 
@@ -389,7 +390,11 @@ class VaultTransitSigner(Service):
     def key_path(self) -> str:
         return f"/v1/{self.options.mount}/keys/{self.options.key_name}"
 
-    async def refresh(self) -> None:
+    def refresh(self) -> Deferred[None]:
+        """Read the key from Vault; callers while a read is under way share it."""
+        return self._reading(self._read_key)
+
+    async def _read_key(self) -> None:
         code, body = await self.authenticated("GET", self.key_path, None)
         if code == 404 and self.options.create_key:
             code, body = await self.authenticated("POST", self.key_path, {"type": self.options.key_type})
@@ -531,7 +536,7 @@ class VaultTransitSigner(Service):
         return {"keys": keys}
 
     def check_ready(self) -> Deferred[None]:
-        return ensureDeferred(self.refresh())
+        return self.refresh()
 
 
 # -- options ------------------------------------------------------------------------------------

@@ -234,6 +234,19 @@ async def test_an_odd_key_answer_does_not_stop_the_refreshes(
         await stopped(signer)
 
 
+@pytest_twisted.ensureDeferred
+async def test_twenty_first_signs_share_one_key_read(tmp_path: Path, vault: RunningVault) -> None:
+    """A burst at start-up (or after a restart of Vault) must not become a burst of key reads."""
+    vault.fake.create_key("jwt")
+    signer = build_signer(tmp_path, vault)
+    try:
+        tokens = await gatherResults([signer.sign({"typ": "JWT"}, {"sub": f"s{index}"}) for index in range(20)])
+        assert len(tokens) == 20
+        assert vault.fake.requests["keys"] == 1
+    finally:
+        await stopped(signer)
+
+
 def test_publish_before_use_defaults_to_twice_the_refresh_interval() -> None:
     base = {"url": "https://vault:8200", "token": "t"}
     assert parse_options(base, dev=False).publish_before_use_secs == 120

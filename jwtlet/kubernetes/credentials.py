@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from jwtlet import strictjson
 from jwtlet.interfaces import DependencyUnavailable
-from jwtlet.outbound import TokenFile
+from jwtlet.outbound import SingleFlight, TokenFile
 
 API_VERSIONS = ("client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1")
 #: An ExecCredential is a few kilobytes; a plugin that writes more is broken.
@@ -213,7 +213,7 @@ class ExecPlugin:
     environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
     _token: Optional[str] = attrs.field(default=None, init=False, repr=False)
     _expires_at: Optional[float] = attrs.field(default=None, init=False)
-    _waiting: list[Deferred[str]] = attrs.field(factory=list, init=False)
+    _running: SingleFlight[str] = attrs.field(factory=SingleFlight, init=False)
 
     @property
     def name(self) -> str:
@@ -223,19 +223,7 @@ class ExecPlugin:
         fresh = self._expires_at is None or self.clock.seconds() < self._expires_at
         if self._token is not None and fresh and not refresh:
             return self._token
-        waiter: Deferred[str] = Deferred()
-        self._waiting.append(waiter)
-        if len(self._waiting) == 1:
-            ensureDeferred(self._run()).addBoth(self._settle)
-        return await waiter
-
-    def _settle(self, result: str | Failure) -> None:
-        waiting, self._waiting = self._waiting, []
-        for waiter in waiting:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+        return await self._running(self._run)
 
     def _environment(self) -> dict[str, str]:
         environment = dict(self.environ)
