@@ -167,6 +167,27 @@ def test_a_dead_worker_is_replaced_after_the_restart_delay(supervised: Any) -> N
     assert not fake.stopped
 
 
+def test_replacements_that_die_before_ready_wait_longer_each_time_and_a_ready_one_resets_it(supervised: Any) -> None:
+    """A broken edit of the config must not become a restart loop at 4 Hz per slot."""
+    supervisor, fake = supervised
+    fake.spawned[0].ready()
+    delays = []
+    for _ in range(6):
+        spawned = len(fake.spawned)
+        live(fake)[-1].end(ProcessDone(1))
+        waited = 0.0
+        while len(fake.spawned) == spawned:
+            fake.advance(0.125)
+            waited += 0.125
+        delays.append(waited)
+    assert delays == [0.25, 0.5, 1.0, 2.0, 4.0, 4.0]
+    live(fake)[-1].ready()
+    live(fake)[-1].end(ProcessDone(1))
+    spawned = len(fake.spawned)
+    fake.advance(workers.RESTART_DELAY_SECS)
+    assert len(fake.spawned) == spawned + 1, "ready once, the slot starts over at the first delay"
+
+
 def test_a_worker_that_cannot_start_before_any_was_ready_stops_the_supervisor(supervised: Any) -> None:
     supervisor, fake = supervised
     fake.spawned[0].end(ProcessDone(1))

@@ -85,6 +85,9 @@ log = Logger(namespace="jwtlet.daemon")
 
 #: short: a worker needs 1 to 3 s to start on a busy machine, and its replacement must serve within 5 s
 RESTART_DELAY_SECS = 0.25
+#: A slot whose replacements die before they are ready waits twice as long
+#: each time, up to this: a broken config edit is not a restart loop at 4 Hz.
+MAX_RESTART_DELAY_SECS = 4.0
 #: SIGTERM to a worker, then SIGKILL after this: a worker drains for up to 10 s
 #: itself, but the supervisor promises that everything stops within 10 s.
 STOP_TIMEOUT_SECS = 8.0
@@ -228,6 +231,8 @@ class Supervisor(Service):
     ports: list[IListeningPort] = attrs.field(init=False, factory=list)
     processes: dict[int, _Worker] = attrs.field(init=False, factory=dict)
     restarts: dict[int, IDelayedCall] = attrs.field(init=False, factory=dict)
+    #: per slot, the workers that died since one was last ready there
+    failures: dict[int, int] = attrs.field(init=False, factory=dict)
     ever_ready: bool = attrs.field(init=False, default=False)
     _stopped: Optional[Deferred[None]] = attrs.field(init=False, default=None)
 
@@ -257,6 +262,7 @@ class Supervisor(Service):
 
     def worker_ready(self, slot: int) -> None:
         emit(log, "worker.ready", slot=slot, pid=self.processes[slot].pid)
+        self.failures.pop(slot, None)
         if not self.ever_ready:
             self.ever_ready = True
             for other in range(1, self.count):
@@ -275,7 +281,10 @@ class Supervisor(Service):
         if not self.ever_ready:
             self.give_up()
             return
-        self.restarts[slot] = self.reactor.callLater(self.restart_delay, self.spawn, slot)
+        failures = self.failures.get(slot, 0)
+        self.failures[slot] = failures + 1
+        delay = min(MAX_RESTART_DELAY_SECS, self.restart_delay * 2 ** failures)
+        self.restarts[slot] = self.reactor.callLater(delay, self.spawn, slot)
 
     def give_up(self) -> None:
         """No worker could start: stop, and end the process with status 1 once the reactor stopped."""
