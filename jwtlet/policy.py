@@ -12,7 +12,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import attrs
 
 from jwtlet import claims as caller_claims
-from jwtlet.model import Identity, JSONObject, JSONValue, Resolution, ResourceMapping, ScopeMapping
+from jwtlet.model import Identity, JSONObject, JSONValue, Resolution, ResourceMapping
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
@@ -170,8 +170,7 @@ def parse_token_request(
 
 def check_scopes_allowed(mapping: ResourceMapping, requested: Iterable[str]) -> None:
     """Step 2: every requested scope must be in the mapping's scopes."""
-    missing = sorted(set(requested) - set(mapping.scopes))
-    if missing:
+    if not set(requested) <= set(mapping.scopes):
         raise unauthorized_client("scope not allowed for this client and resource")
 
 
@@ -180,20 +179,12 @@ def reserved_claims(participant_context_claim: str) -> frozenset[str]:
     return RESERVED_CLAIMS | {participant_context_claim}
 
 
-def expand_scopes(
-    requested: Iterable[str],
-    scope_mappings: Mapping[str, ScopeMapping],
-    reserved: frozenset[str],
-) -> JSONObject:
-    """
-    Step 3: merge the claims of the requested scopes.  Two scopes giving one
-    claim different values is ``invalid_scope``.  Reserved names are never
-    taken from a scope mapping, whatever the store holds.
-    """
-    return merge_claims(caller_claims.static_layers(requested, scope_mappings), reserved)
-
-
 def merge_claims(layers: Iterable[caller_claims.Layer], reserved: frozenset[str]) -> JSONObject:
+    """
+    Step 3: the claims of every layer in one object.  Two layers giving one
+    claim different values is ``invalid_scope``; reserved names are never
+    taken, whatever the store holds.
+    """
     try:
         return caller_claims.merge(layers, reserved)
     except caller_claims.ClaimConflict as conflict:

@@ -8,20 +8,15 @@ identity on either path; this module only reads the plugin's options.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import attrs
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from jwtlet.config.reader import SectionReader, as_nonempty_str
+from jwtlet.config.reader import SectionReader, as_nonempty_str, no_dots
 from jwtlet.exchange.apikeys import ApiKeyValidator, ApiKeyVerifier
 from jwtlet.interfaces import IValidatorFactory, PluginConfigError, PluginContext
-
-
-def _prefix(prefix: str) -> Optional[str]:
-    # the key's parts are separated by dots: a dot in the prefix would make them ambiguous
-    return "must not contain '.'" if "." in prefix else None
 
 
 @implementer(IPlugin, IValidatorFactory)
@@ -35,7 +30,7 @@ class ApiKeyValidatorFactory:
         section = SectionReader(options, "", problems)
         configured = context.config.api_keys
         prefix = section.get("prefix", as_nonempty_str, configured.prefix if configured is not None else "jwtk",
-                             check=_prefix)
+                             check=no_dots)
         section.finish()
         if context.store is None:
             section.problem("type", "the api-key validator needs a store")

@@ -34,7 +34,7 @@ from jwtlet.interfaces import (
     TokenRejected,
     TrustedIssuer,
 )
-from jwtlet.jwtverify import unverified_claims
+from jwtlet.jwtverify import MAX_TOKEN_BYTES, unverified_claims
 from jwtlet.kubernetes import identity, kubeconfig
 from jwtlet.kubernetes.apiserver import APIServer
 from jwtlet.model import Identity
@@ -43,7 +43,6 @@ log = Logger(namespace="jwtlet.validator.tokenreview")
 
 MAX_CACHE_TTL_SECS = 10.0
 MAX_CACHE_ENTRIES = 10_000
-MAX_TOKEN_BYTES = 16 * 1024
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 #: The API server accepts a service-account token up to a minute past its
 #: ``exp`` (go-jose's default leeway), so a reviewed token must be remembered

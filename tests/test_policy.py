@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jwtlet import policy
+from jwtlet import claims, policy
 from jwtlet.model import Identity, Resolution, ResourceMapping, ScopeMapping
 from jwtlet.policy import IssueParameters, Refusal, Terms
 
@@ -82,6 +82,11 @@ def test_scopes_must_be_allowed_by_the_mapping() -> None:
     assert raised.value.code == "unauthorized_client"
 
 
+def expand_scopes(requested: list[str], scopes: dict[str, ScopeMapping], reserved: frozenset[str]) -> Any:
+    """Step 3 for static claims, as mapping_terms runs it."""
+    return policy.merge_claims(claims.static_layers(requested, scopes), reserved)
+
+
 def test_scope_expansion_merges_and_detects_conflicts() -> None:
     reserved = policy.reserved_claims("jwtlet_pc")
     scopes = {
@@ -89,11 +94,11 @@ def test_scope_expansion_merges_and_detects_conflicts() -> None:
         "write": ScopeMapping("write", {"role": "writer"}),
         "same": ScopeMapping("same", {"tier": 1}),
     }
-    assert policy.expand_scopes(["read", "same"], scopes, reserved) == {"role": "reader", "tier": 1}
-    assert policy.expand_scopes(["read", "read"], scopes, reserved) == {"role": "reader", "tier": 1}
-    assert policy.expand_scopes(["unmapped"], scopes, reserved) == {}
+    assert expand_scopes(["read", "same"], scopes, reserved) == {"role": "reader", "tier": 1}
+    assert expand_scopes(["read", "read"], scopes, reserved) == {"role": "reader", "tier": 1}
+    assert expand_scopes(["unmapped"], scopes, reserved) == {}
     with pytest.raises(Refusal) as raised:
-        policy.expand_scopes(["read", "write"], scopes, reserved)
+        expand_scopes(["read", "write"], scopes, reserved)
     assert raised.value.code == "invalid_scope"
 
 
@@ -204,7 +209,7 @@ def test_no_scope_mapping_can_override_a_reserved_claim(stored: dict[str, dict[s
     reserved = policy.reserved_claims("jwtlet_pc")
     mappings = {name: ScopeMapping(name, claims) for name, claims in stored.items()}
     try:
-        merged = policy.expand_scopes(list(stored), mappings, reserved)
+        merged = expand_scopes(list(stored), mappings, reserved)
     except Refusal as error:
         assert error.code == "invalid_scope"
         return

@@ -21,8 +21,8 @@ MAX_KEY_LENGTH = 300
 MAX_ID_LENGTH = 64
 MAX_SECRET_LENGTH = 128
 
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_SECRET = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}")
+_SECRET = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SECRET_LENGTH}}}")
 
 
 @attrs.frozen

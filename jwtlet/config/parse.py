@@ -34,6 +34,7 @@ from jwtlet.config.reader import (
     https_url,
     in_range,
     is_loopback_host,
+    no_dots,
     one_of,
     positive,
 )
@@ -303,7 +304,7 @@ def _management(section: SectionReader) -> ManagementConfig:
 
 
 def _api_keys(section: SectionReader) -> ApiKeysConfig:
-    prefix = section.get("prefix", as_nonempty_str, "jwtk", _no_dots)
+    prefix = section.get("prefix", as_nonempty_str, "jwtk", no_dots)
     profiles_section = section.table("profiles")
     profiles = {}
     for name in list(profiles_section.raw):
@@ -325,10 +326,6 @@ def _profile_claims(claims: Mapping[str, Any]) -> Optional[str]:
     """A profile's static claims never name a registered claim or what the token says of its key."""
     taken = sorted(set(claims) & (RESERVED_CLAIMS | API_KEY_CLAIMS))
     return f"{', '.join(taken)}: reserved claim names" if taken else None
-
-
-def _no_dots(value: str) -> Optional[str]:
-    return "must not contain '.'" if "." in value else None
 
 
 def _metrics(section: SectionReader) -> MetricsConfig:

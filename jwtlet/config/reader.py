@@ -172,6 +172,11 @@ def in_range(low: float, high: float) -> Callable[[float], Optional[str]]:
     return check
 
 
+def no_dots(value: str) -> Optional[str]:
+    # An API key's parts are separated by dots: a dot in its prefix would make them ambiguous.
+    return "must not contain '.'" if "." in value else None
+
+
 def positive(value: float) -> Optional[str]:
     return None if value > 0 else "must be greater than 0"
 

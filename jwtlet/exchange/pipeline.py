@@ -70,7 +70,6 @@ class IssuedToken:
     access_token: str = attrs.field(repr=False)
     expires_in: int
     scope: Optional[str]
-    token_id: str
 
 
 @attrs.frozen
@@ -301,7 +300,6 @@ class Exchange:
             access_token=token,
             expires_in=terms.ttl_secs,
             scope=policy.granted_scope(terms.scopes),
-            token_id=token_id,
         )
 
     def limit(self, retry_after: Optional[int]) -> None:

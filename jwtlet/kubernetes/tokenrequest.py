@@ -7,8 +7,6 @@ of the workload token it was asked for with (migration.md, Tokensmith).
 
 from __future__ import annotations
 
-import calendar
-import time
 from typing import Optional
 
 import attrs
@@ -18,7 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from jwtlet.cache import ExpiringCache
 from jwtlet.interfaces import DependencyUnavailable
 from jwtlet.kubernetes.apiserver import APIServer
-from jwtlet.kubernetes.credentials import Credential
+from jwtlet.kubernetes.credentials import Credential, parse_timestamp
 from jwtlet.model import JSONValue
 from jwtlet.outbound import TokenFile
 
@@ -33,11 +31,6 @@ class Denied(Exception):
 class TargetToken:
     token: str = attrs.field(repr=False)
     expires_at: float
-
-
-def parse_timestamp(text: str) -> float:
-    """``2026-01-01T12:00:00Z`` (RFC 3339 as Kubernetes writes it) as epoch seconds."""
-    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
 
 
 @attrs.define
