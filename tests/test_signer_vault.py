@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 from jwcrypto.common import base64url_decode
 from jwcrypto.jwk import JWK
+from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 from vault_fixtures import KEY_TYPES, ROOT, RunningVault, build_signer, running_vault, signer_context
@@ -298,26 +299,16 @@ async def test_kubernetes_login_renewal_and_relogin(tmp_path: Path, vault: Runni
         assert vault.fake.requests["login"] == 1
         first = signer.auth.login_token
         clock.advance(201)  # two thirds of the lease: renew
-        await _settle()
-        assert vault.fake.requests["renew-self"] == 1
+        await vault.fake.requested("renew-self", 1).addTimeout(10, reactor)
         clock.advance(250)  # past the original lease: the renewal kept it alive
         await signer.sign({"typ": "JWT"}, {"sub": "x"})
         assert signer.auth.login_token == first
         vault.fake.tokens[str(first)].renewable = False
         clock.advance(201)
-        await _settle()
-        assert vault.fake.requests["login"] == 2, "renewal refused: log in again"
+        await vault.fake.requested("login", 2).addTimeout(10, reactor)  # renewal refused: log in again
         await signer.sign({"typ": "JWT"}, {"sub": "x"})
     finally:
         await stopped(signer)
-
-
-async def _settle() -> None:
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    for _ in range(20):
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

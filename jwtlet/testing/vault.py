@@ -229,6 +229,29 @@ class FakeVault:
     refuse_item: Optional[Callable[[bytes], Optional[str]]] = None
     #: fault injection: ``batch_results`` in reverse order (a proxy or server bug)
     reverse_batch_results: bool = False
+    _watchers: list[tuple[str, int, Deferred[None]]] = attrs.field(factory=list)
+
+    #: requests answered, by endpoint (``requests`` counts them as they arrive)
+    answered: Counter[str] = attrs.field(factory=Counter)
+
+    def requested(self, endpoint: str, count: int) -> Deferred[None]:
+        """
+        Fires once ``endpoint`` has answered ``count`` requests (at once if it
+        already has): tests wait on it instead of on the wall clock.
+        """
+        done: Deferred[None] = Deferred()
+        if self.answered[endpoint] >= count:
+            done.callback(None)
+        else:
+            self._watchers.append((endpoint, count, done))
+        return done
+
+    def _answered(self, endpoint: str) -> None:
+        self.answered[endpoint] += 1
+        due = [watch for watch in self._watchers if watch[0] == endpoint and self.answered[endpoint] >= watch[1]]
+        for watch in due:
+            self._watchers.remove(watch)
+            watch[2].callback(None)
 
     def now(self) -> float:
         return float(self.clock.seconds()) if self.clock is not None else time.time()
@@ -297,6 +320,8 @@ class FakeVault:
             status, body = work(token)
         except VaultError as error:
             return self._reply(request, error.status, {"errors": error.messages})
+        finally:
+            self._answered(endpoint)
         return self._reply(request, status, body)
 
     # -- transit keys -------------------------------------------------------------------
