@@ -27,7 +27,7 @@ class Metrics:
     ext_authz_checks: Counter = attrs.field(init=False)
     ext_authz_cache_hits: Counter = attrs.field(init=False)
     trace_spans_dropped: Counter = attrs.field(init=False)
-    _exchange_children: dict[tuple[str, str], Counter] = attrs.field(init=False, factory=dict)
+    _children: dict[tuple[Counter, tuple[str, ...]], Counter] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         registry = self.registry
@@ -67,13 +67,15 @@ class Metrics:
             ["reason"], registry=registry,
         )
 
-    def count_exchange(self, outcome: str, error: str) -> None:
-        """One decision in ``jwtlet_exchanges_total``."""
-        # The label pairs are a handful (outcomes times error codes); finding
-        # a child through labels() normalises and locks on every exchange.
-        child = self._exchange_children.get((outcome, error))
+    def count(self, counter: Counter, *labels: str) -> None:
+        """
+        One more in ``counter`` for ``labels``, which must come from a closed
+        set (outcomes, error codes, configured profiles): the child is kept,
+        where finding it through ``labels()`` normalises and locks every time.
+        """
+        child = self._children.get((counter, labels))
         if child is None:
-            child = self._exchange_children[(outcome, error)] = self.exchanges.labels(outcome, error)
+            child = self._children[(counter, labels)] = counter.labels(*labels)
         child.inc()
 
     def exposition(self) -> bytes:

@@ -178,7 +178,7 @@ class MappingGrant:
             raise policy.invalid_grant()
 
     def count(self, request: ExchangeRequest, outcome: str, error: str) -> None:
-        self.metrics.count_exchange(outcome, error)
+        self.metrics.count(self.metrics.exchanges, outcome, error)
 
 
 @attrs.frozen
@@ -207,7 +207,7 @@ class ApiKeyGrant:
         return policy.api_key_terms(profile.audience, profile.ttl_secs, subject, profile.issuer, profile.claims)
 
     def count(self, request: ExchangeRequest, outcome: str, error: str) -> None:
-        self.metrics.apikey_exchanges.labels(request.resource, outcome).inc()
+        self.metrics.count(self.metrics.apikey_exchanges, request.resource, outcome)
 
 
 @attrs.define
