@@ -405,10 +405,7 @@ class JWTAuthenticatorFactory:
                 discovery_url=entry.discovery_url))
             for _, entry in entries
         }
-        # The lifetime of kubernetes-oidc: a second cluster's pod token past
-        # its kubernetes.io.warnafter is as stale here as there.
-        verifier = Verifier(issuers, leeway=leeway, max_age=identity.max_subject_token_age(context.config),
-                            lifetime=identity.usable_until)
+        verifier = identity.verifier(issuers, leeway, context.config)
         trusted = tuple(
             interfaces.TrustedIssuer(
                 issuer=entry.url,

@@ -244,8 +244,7 @@ class OIDCValidatorFactory:
         section.finish()
         if problems:
             raise PluginConfigError(*problems)
-        verifier = Verifier(issuers.keyed, leeway=leeway, max_age=identity.max_subject_token_age(context.config),
-                            lifetime=identity.usable_until)
+        verifier = identity.verifier(issuers.keyed, leeway, context.config)
         return OIDCValidator(verifier, context.reactor, issuers.trusted)
 
 

@@ -111,6 +111,16 @@ def max_subject_token_age(config: Config) -> float:
     return float(config.token.max_subject_token_age_secs)
 
 
+def verifier(issuers: Mapping[str, jwtverify.TrustedIssuer], leeway: float, config: Config) -> jwtverify.Verifier:
+    """
+    The verifier of a JWT validator whose tokens may be Kubernetes pod
+    tokens: the config's age limit, and the lifetime of :func:`usable_until`
+    (a pod token past its ``kubernetes.io.warnafter`` is as stale to any
+    validator that takes it).
+    """
+    return jwtverify.Verifier(issuers, leeway=leeway, max_age=max_subject_token_age(config), lifetime=usable_until)
+
+
 # -- username prefixes ----------------------------------------------------------
 
 
