@@ -8,7 +8,10 @@ from typing import AsyncIterator
 import pytest
 import pytest_twisted
 from k8s_fixtures import Cluster, memory_cluster
+from twisted.internet import reactor
 from twisted.internet.task import Clock
+
+from jwtlet.outbound import OutboundHTTPClient, build_http_client, close_http_client
 
 
 @pytest.fixture
@@ -17,6 +20,16 @@ def clock() -> Clock:
     clock = Clock()
     clock.advance(time.time())
     return clock
+
+
+@pytest_twisted.async_yield_fixture
+async def outbound_client() -> AsyncIterator[OutboundHTTPClient]:
+    """The daemon's own kind of outbound client, over real sockets, closed after the test."""
+    client = build_http_client(reactor)
+    try:
+        yield client
+    finally:
+        await close_http_client(client)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from twisted.web.server import Request
 from vault_fixtures import ROOT, RunningVault, build_signer
 
 from jwtlet.interfaces import DependencyUnavailable, PluginConfigError
-from jwtlet.outbound import OutboundHTTPClient, build_http_client, close_http_client
+from jwtlet.outbound import OutboundHTTPClient
 from jwtlet.plugins.vault_transit import VaultMisconfigured, vault_transit
 from jwtlet.testing.loopback import LoopbackServer, serve
 from jwtlet.testing.vault import FakeVault
@@ -85,15 +85,6 @@ async def trap() -> AsyncIterator[Trap]:
             await server.stop()
 
 
-@pytest_twisted.async_yield_fixture
-async def client() -> AsyncIterator[OutboundHTTPClient]:
-    client = build_http_client(reactor)
-    try:
-        yield client
-    finally:
-        await close_http_client(client)
-
-
 @pytest.mark.parametrize("credential", [
     {"headers": {"Authorization": ["Bearer service-account-token"]}},
     {"headers": {b"x-vault-token": [b"hvs.secret"]}},
@@ -102,10 +93,10 @@ async def client() -> AsyncIterator[OutboundHTTPClient]:
 ], ids=["bearer", "vault-token", "headers-object", "basic-auth"])
 @pytest_twisted.ensureDeferred
 async def test_a_peer_redirecting_a_credentialed_request_gets_its_redirect_ignored(
-    trap: Trap, client: OutboundHTTPClient, credential: dict[str, Any]
+    trap: Trap, outbound_client: OutboundHTTPClient, credential: dict[str, Any]
 ) -> None:
     """The peer answers 307 to the attacker's origin: jwtlet stops at the 307, the attacker sees nothing."""
-    response = await client.get(trap.url + "/openid/v1/jwks", **credential)
+    response = await outbound_client.get(trap.url + "/openid/v1/jwks", **credential)
     await response.content()
     assert response.code == 307
     assert trap.recorder.seen == []
@@ -113,10 +104,10 @@ async def test_a_peer_redirecting_a_credentialed_request_gets_its_redirect_ignor
 
 @pytest_twisted.ensureDeferred
 async def test_the_same_redirect_without_a_credential_is_still_followed(
-    trap: Trap, client: OutboundHTTPClient
+    trap: Trap, outbound_client: OutboundHTTPClient
 ) -> None:
     """The control: the trap works, so the test above would catch a credential that followed it."""
-    response = await client.get(trap.url + "/public")
+    response = await outbound_client.get(trap.url + "/public")
     await response.content()
     assert response.code == 200
     assert [uri for uri, _ in trap.recorder.seen] == [b"/public"]

@@ -18,16 +18,17 @@ import pytest_twisted
 import treq
 import yaml
 from authlib.integrations.requests_client import OAuth2Session
+from daemon_fixtures import post_json
 from k8s_fixtures import Cluster, start_cluster, stopping
 from twisted.internet.threads import deferToThread
 
+from jwtlet.policy import GRANT_TYPE_TOKEN_EXCHANGE as GRANT
 from jwtlet.testing.process import DaemonProcess
 
 pytestmark = pytest.mark.slow
 
 CLIENT_AUDIENCE = "jwtlet.example.com"
 MANAGEMENT_AUDIENCE = "jwtlet-management"
-GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 
 @pytest_twisted.async_yield_fixture
@@ -59,12 +60,6 @@ def write_config(tmp_path: Path, cluster: Cluster, validator: str) -> Path:
     path = tmp_path / "jwtlet.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-async def post_json(url: str, body: Any, token: str) -> int:
-    response = await treq.post(url, json=body, headers={"Authorization": f"Bearer {token}"})
-    await response.content()
-    return int(response.code)
 
 
 @pytest.mark.parametrize("validator", ["kubernetes-tokenreview", "kubernetes-oidc"])

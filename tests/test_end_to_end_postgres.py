@@ -21,10 +21,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from jwtlet.daemon import dev
+from jwtlet.policy import GRANT_TYPE_TOKEN_EXCHANGE as GRANT
 from jwtlet.testing.process import DaemonProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 
 def write_config(tmp_path: Path, url: str) -> Path:

@@ -18,10 +18,12 @@ import pytest
 import pytest_twisted
 import treq
 import yaml
+from daemon_fixtures import post_json
 from test_jwt_authenticator import entry
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
+from jwtlet.policy import GRANT_TYPE_TOKEN_EXCHANGE as GRANT
 from jwtlet.testing.loopback import serve
 from jwtlet.testing.oidc import GITHUB_ISSUER, FakeOIDCIssuer
 from jwtlet.testing.process import DaemonProcess
@@ -30,7 +32,6 @@ pytestmark = pytest.mark.slow
 
 CLIENT_AUDIENCE = "https://jwtlet.example.com"
 MANAGEMENT_AUDIENCE = "jwtlet-management"
-GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 
 @pytest_twisted.async_yield_fixture
@@ -63,12 +64,6 @@ def write_config(tmp_path: Path, github: FakeOIDCIssuer) -> Path:
     path = tmp_path / "jwtlet.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-async def post_json(url: str, body: Any, token: str) -> int:
-    response = await treq.post(url, json=body, headers={"Authorization": f"Bearer {token}"})
-    await response.content()
-    return int(response.code)
 
 
 async def exchange(daemon: DaemonProcess, token: str) -> tuple[int, Any]:

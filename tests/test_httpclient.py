@@ -79,24 +79,15 @@ async def one_shot() -> AsyncIterator[OneShotServer]:
         await server.port.stopListening()
 
 
-@pytest_twisted.async_yield_fixture
-async def client() -> AsyncIterator[OutboundHTTPClient]:
-    client = build_http_client(reactor)
-    try:
-        yield client
-    finally:
-        await close_http_client(client)
-
-
 @pytest_twisted.ensureDeferred
 async def test_the_jwks_fetched_right_after_discovery_survives_a_server_that_closes_connections(
-    one_shot: OneShotServer, client: OutboundHTTPClient
+    one_shot: OneShotServer, outbound_client: OutboundHTTPClient
 ) -> None:
     """Discovery, then the JWKS on the pooled connection the server already dropped: both succeed."""
     headers = Headers({b"Authorization": [b"Bearer sa-token"]})
-    discovery = await client.get(one_shot.url + "/.well-known/openid-configuration", headers=headers)
+    discovery = await outbound_client.get(one_shot.url + "/.well-known/openid-configuration", headers=headers)
     assert discovery.code == 200 and await discovery.content() == DISCOVERY
-    jwks = await client.get(one_shot.url + "/openid/v1/jwks", headers=headers)
+    jwks = await outbound_client.get(one_shot.url + "/openid/v1/jwks", headers=headers)
     assert jwks.code == 200
     await jwks.content()
     assert one_shot.dropped == 1, "the second request was first tried on the reused, dropped connection"
@@ -105,13 +96,13 @@ async def test_the_jwks_fetched_right_after_discovery_survives_a_server_that_clo
 
 @pytest_twisted.ensureDeferred
 async def test_a_post_on_a_dropped_connection_is_not_sent_again(
-    one_shot: OneShotServer, client: OutboundHTTPClient
+    one_shot: OneShotServer, outbound_client: OutboundHTTPClient
 ) -> None:
     """A TokenReview is not idempotent: a lost connection is the caller's error, never a silent replay."""
-    first = await client.post(one_shot.url + "/apis/authentication.k8s.io/v1/tokenreviews", data=b"{}")
+    first = await outbound_client.post(one_shot.url + "/apis/authentication.k8s.io/v1/tokenreviews", data=b"{}")
     await first.content()
     with pytest.raises(ResponseNeverReceived):
-        await client.post(one_shot.url + "/apis/authentication.k8s.io/v1/tokenreviews", data=b"{}")
+        await outbound_client.post(one_shot.url + "/apis/authentication.k8s.io/v1/tokenreviews", data=b"{}")
     assert (len(one_shot.answered), one_shot.dropped) == (1, 1)
 
 

@@ -23,13 +23,13 @@ from twisted.web.client import HTTPConnectionPool
 
 from jwtlet.daemon import dev as devissuer
 from jwtlet.daemon.dev import defaults as dev_defaults
+from jwtlet.policy import GRANT_TYPE_TOKEN_EXCHANGE as GRANT
 from jwtlet.testing.process import DaemonProcess
 
 pytestmark = pytest.mark.slow
 SOAK_SECS = 60.0
 WARM_UP_SECS = 10.0
 CONCURRENCY = 8
-GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 
 def rss_kb(pid: int) -> int:

@@ -42,9 +42,9 @@ from jwtlet.config import ConfigError
 from jwtlet.daemon import dev, workers
 from jwtlet.model import ResourceMapping, ScopeMapping
 from jwtlet.plugins.sqlite_store import CHANGE_CHECK_SECS, sqlite
+from jwtlet.policy import GRANT_TYPE_TOKEN_EXCHANGE as GRANT
 from jwtlet.testing.process import DaemonProcess
 
-GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 MINIMAL = {
     "issuer": "https://jwtlet.example.com",
     "k8s": {"api_server_url": "https://kubernetes.default.svc"},

@@ -23,12 +23,12 @@ from twisted.internet.threads import deferToThread
 from jwtlet.daemon import dev as devissuer
 from jwtlet.daemon.dev import defaults as dev_defaults
 from jwtlet.plugins.vault_transit import VaultTransitSigner, vault_transit
+from jwtlet.policy import GRANT_TYPE_TOKEN_EXCHANGE as GRANT
 from jwtlet.testing.loopback import LoopbackServer, serve
 from jwtlet.testing.process import DaemonProcess
 from jwtlet.testing.vault import FakeVault
 
 ROOT = "root-token"
-GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 
 class VaultServer(Protocol):
