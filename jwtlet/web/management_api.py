@@ -53,9 +53,6 @@ P = ParamSpec("P")
 MAX_BODY = 1024 * 1024
 PREFIX = "/api/v1"
 
-# Tiers are stored as 32-bit integers (PostgreSQL INTEGER).
-
-
 AUDIT_LEVELS = {"success": LogLevel.info, "refused": LogLevel.warn, "error": LogLevel.error}
 
 
@@ -77,6 +74,20 @@ def not_found() -> APIError:
 
 def conflict(message: str) -> APIError:
     return APIError(409, {"error": message})
+
+
+async def in_api_terms(action: Callable[[], Awaitable[T]], exists: Optional[str], missing: bool) -> T:
+    """``action``, with the store's answers the API has words for said in them."""
+    try:
+        return await action()
+    except Conflict:
+        if exists is None:
+            raise
+        raise conflict(exists) from None
+    except NotFound:
+        if not missing:
+            raise
+        raise not_found() from None
 
 
 @attrs.define
@@ -141,15 +152,18 @@ class ManagementAPI:
         event: str,
         subject: Mapping[str, str],
         action: Callable[[], Awaitable[T]],
+        exists: Optional[str] = None,
+        missing: bool = False,
     ) -> T:
         """
         Run a store change and write its audit event: ``success`` only when
         the store acknowledged it, ``refused`` with the reason when the change
         was not allowed, ``error`` when the store failed (or the request went
-        away) and the change may not have happened.
+        away) and the change may not have happened.  The store's ``Conflict``
+        is a 409 saying ``exists``, and its ``NotFound`` a 404 when ``missing``.
         """
         try:
-            result = await action()
+            result = await in_api_terms(action, exists, missing)
         except APIError as error:
             self.audit(caller, event, subject, "refused", str(error.body.get("error")))
             raise
@@ -199,13 +213,8 @@ class ManagementAPI:
         subject = {"clientIdentifier": mapping.client_identifier,
                    "participantContext": mapping.participant_context}
 
-        async def add() -> None:
-            try:
-                await self.store.add_mapping(mapping)
-            except Conflict:
-                raise conflict("mapping already exists") from None
-
-        await self.change(caller, "mapping.created", subject, add)
+        await self.change(caller, "mapping.created", subject, lambda: self.store.add_mapping(mapping),
+                          exists="mapping already exists")
         location = "/".join(
             [f"{PREFIX}/mappings", quote(mapping.client_identifier, safe=""),
              quote(mapping.participant_context, safe="")]
@@ -243,13 +252,7 @@ class ManagementAPI:
             self.audit(caller, "mapping.updated", subject, "refused", "body names another mapping")
             raise bad_request("the body names another mapping than the path")
 
-        async def update() -> None:
-            try:
-                await self.store.update_mapping(mapping)
-            except NotFound:
-                raise not_found() from None
-
-        await self.change(caller, "mapping.updated", subject, update)
+        await self.change(caller, "mapping.updated", subject, lambda: self.store.update_mapping(mapping), missing=True)
         return self.no_content(request)
 
     async def delete_client(self, request: IRequest, route: str, client: str) -> bytes:
@@ -270,13 +273,8 @@ class ManagementAPI:
         caller = await self.authorise(request, route, SCOPE_WRITE)
         scope = self.parse(codecs.scope_from_json, self.json_body(request), self.reserved_claims)
 
-        async def add() -> None:
-            try:
-                await self.store.add_scope(scope)
-            except Conflict:
-                raise conflict("scope already exists") from None
-
-        await self.change(caller, "scope.created", {"scope": scope.scope}, add)
+        await self.change(caller, "scope.created", {"scope": scope.scope}, lambda: self.store.add_scope(scope),
+                          exists="scope already exists")
         location = f"{PREFIX}/scopes/{quote(scope.scope, safe='')}"
         return json_response(request, codecs.scope_to_json(scope), 201, {"Location": location})
 
@@ -305,13 +303,8 @@ class ManagementAPI:
             self.audit(caller, "scope.updated", {"scope": name}, "refused", "body names another scope")
             raise bad_request("the body names another scope than the path")
 
-        async def update() -> None:
-            try:
-                await self.store.update_scope(scope)
-            except NotFound:
-                raise not_found() from None
-
-        await self.change(caller, "scope.updated", {"scope": name}, update)
+        await self.change(caller, "scope.updated", {"scope": name}, lambda: self.store.update_scope(scope),
+                          missing=True)
         return self.no_content(request)
 
     # -- integrations and API keys --------------------------------------------
@@ -337,13 +330,8 @@ class ManagementAPI:
             raise bad_request(str(error)) from None
         integration = Integration(integration_id=integration_id, description=description, profiles=profiles)
 
-        async def add() -> None:
-            try:
-                await self.store.add_integration(integration)
-            except Conflict:
-                raise conflict("integration already exists") from None
-
-        await self.change(caller, "integration.created", {"integrationId": integration_id}, add)
+        await self.change(caller, "integration.created", {"integrationId": integration_id},
+                          lambda: self.store.add_integration(integration), exists="integration already exists")
         return json_response(request, codecs.integration_to_json(integration), 201)
 
     @app.route(f"{PREFIX}/integrations/<path:_rest>", methods=ANY_METHOD)
@@ -386,16 +374,8 @@ class ManagementAPI:
             description=description,
         )
 
-        async def add() -> None:
-            try:
-                await self.store.add_api_key(record)
-            except NotFound:
-                raise not_found() from None
-            except Conflict:
-                raise conflict("keyId already exists") from None
-
-        await self.change(caller, "apikey.created",
-                          {"integrationId": integration_id, "keyId": new.key_id}, add)
+        await self.change(caller, "apikey.created", {"integrationId": integration_id, "keyId": new.key_id},
+                          lambda: self.store.add_api_key(record), exists="keyId already exists", missing=True)
         return json_response(request, {"keyId": new.key_id, "apiKey": new.text}, 201)
 
     # -- the rest ---------------------------------------------------------------
