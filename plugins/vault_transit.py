@@ -602,8 +602,13 @@ def parse_options(raw: Mapping[str, Any], dev: bool, participant_context_claim: 
         if not isinstance(kubernetes, Mapping) or not isinstance(kubernetes.get("role"), str):
             problems.append("kubernetes_auth: must be a table with a role")
         else:
+            problems.extend(f"kubernetes_auth.{key}: unknown key" for key in kubernetes
+                            if key not in ("role", "mount", "jwt_file"))
+            for key in ("mount", "jwt_file"):
+                if kubernetes.get(key) is not None and (not isinstance(kubernetes[key], str) or not kubernetes[key]):
+                    problems.append(f"kubernetes_auth.{key}: must be a non-empty string")
             role = kubernetes["role"]
-            mount = str(kubernetes.get("mount", "kubernetes"))
+            mount = kubernetes.get("mount") or "kubernetes"
             jwt_file = kubernetes.get("jwt_file")
     key_type = raw.get("key_type", "ed25519")
     if key_type not in KEY_TYPES:

@@ -248,6 +248,15 @@ async def test_twenty_first_signs_share_one_key_read(tmp_path: Path, vault: Runn
         await stopped(signer)
 
 
+def test_a_typo_or_a_wrong_type_in_kubernetes_auth_is_a_problem() -> None:
+    """config.md: a typo must not silently fall back to a default (here: the service-account token file)."""
+    base = {"url": "https://vault:8200"}
+    with pytest.raises(PluginConfigError) as raised:
+        parse_options(dict(base, kubernetes_auth={"role": "r", "jwt_fiel": "/x", "mount": ["a"]}), dev=False)
+    assert sorted(raised.value.messages) == ["kubernetes_auth.jwt_fiel: unknown key",
+                                             "kubernetes_auth.mount: must be a non-empty string"]
+
+
 def test_publish_before_use_defaults_to_twice_the_refresh_interval() -> None:
     base = {"url": "https://vault:8200", "token": "t"}
     assert parse_options(base, dev=False).publish_before_use_secs == 120
